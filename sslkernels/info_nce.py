@@ -1,0 +1,256 @@
+"""Fused normalized-similarity InfoNCE (NT-Xent): public function, autograd and fake kernels.
+
+Two op sets implement the same four ops with the same semantics:
+
+* ``torch.ops.sslkernels.info_nce_*`` - C++ (CPU: tiled, symmetric, multi-threaded; CUDA:
+  row-block GEMMs with CUDA epilogues), registered in ``csrc/``;
+* ``torch.ops.sslkernels_triton.info_nce_*`` - Triton kernels (online log-sum-exp forward,
+  tile-recomputing backward), defined here as ``torch.library.custom_op``s. They run on CUDA, and
+  on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise them without a GPU).
+
+Both get the same autograd formula and fake kernels below, so each passes
+``torch.library.opcheck`` and traces under ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from . import _ext, _validate
+from .reference import info_nce as _ref
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) kernels and autograd, shared by both op sets.
+
+def _pair_fwd_fake(z0, z1, inv_temperature, normalize):
+    n = z0.shape[0]
+    return z0.new_empty(2 * n, dtype=_acc_dtype(z0)), z0.new_empty(2 * n, dtype=_acc_dtype(z0))
+
+
+def _pair_bwd_fake(grad_loss, z0, z1, lse, inv_temperature, normalize):
+    return torch.empty_like(z0), torch.empty_like(z1)
+
+
+def _neg_fwd_fake(q, k, negatives, inv_temperature, normalize, need_grad):
+    n, d = q.shape
+    acc = _acc_dtype(q)
+    w = q.new_empty((n, d) if need_grad else (0,), dtype=acc)
+    return q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc), w
+
+
+def _neg_bwd_fake(grad_loss, q, k, lse, wsum, inv_temperature, normalize):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _register(ns, pair_bwd, neg_bwd):
+    """Fake kernels and autograd for the four ops of namespace ``ns``."""
+    lib = f"{ns}::"
+    torch.library.register_fake(lib + "info_nce_pair_fwd")(_pair_fwd_fake)
+    torch.library.register_fake(lib + "info_nce_pair_bwd")(_pair_bwd_fake)
+    torch.library.register_fake(lib + "info_nce_neg_fwd")(_neg_fwd_fake)
+    torch.library.register_fake(lib + "info_nce_neg_bwd")(_neg_bwd_fake)
+
+    def pair_setup(ctx, inputs, output):
+        z0, z1, inv_t, normalize = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(z0, z1, output[1])
+        ctx.inv_t, ctx.normalize = inv_t, normalize
+
+    def pair_backward(ctx, grad_loss, _grad_lse):
+        z0, z1, lse = ctx.saved_tensors
+        dz0, dz1 = pair_bwd(grad_loss.contiguous(), z0, z1, lse, ctx.inv_t, ctx.normalize)
+        return dz0, dz1, None, None
+
+    torch.library.register_autograd(lib + "info_nce_pair_fwd", pair_backward,
+                                    setup_context=pair_setup)
+
+    def neg_setup(ctx, inputs, output):
+        q, k, negatives, inv_t, normalize, need_grad = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(q, k, output[1], output[2])
+        ctx.inv_t, ctx.normalize, ctx.need_grad = inv_t, normalize, need_grad
+
+    def neg_backward(ctx, grad_loss, _grad_lse, _grad_wsum):
+        q, k, lse, wsum = ctx.saved_tensors
+        if not ctx.need_grad:
+            raise RuntimeError("fused_info_nce: the forward ran with need_grad=False, so it saved "
+                               "no softmax-weighted negatives; call it with gradients enabled")
+        dq, dk = neg_bwd(grad_loss.contiguous(), q, k, lse, wsum, ctx.inv_t, ctx.normalize)
+        return dq, dk, None, None, None, None
+
+    torch.library.register_autograd(lib + "info_nce_neg_fwd", neg_backward,
+                                    setup_context=neg_setup)
+
+
+_register("sslkernels", torch.ops.sslkernels.info_nce_pair_bwd, torch.ops.sslkernels.info_nce_neg_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton op set (defined only where triton imports).
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_ops():
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    from .triton_kernels import info_nce as tk
+
+    devices = ("cuda", "cpu")  # cpu only runs under TRITON_INTERPRET=1
+
+    @torch.library.custom_op("sslkernels_triton::info_nce_pair_fwd", mutates_args=(),
+                             device_types=devices)
+    def pair_fwd(z0: torch.Tensor, z1: torch.Tensor, inv_temperature: float,
+                 normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return tk.pair_fwd(z0, z1, inv_temperature, normalize)
+
+    @torch.library.custom_op("sslkernels_triton::info_nce_pair_bwd", mutates_args=(),
+                             device_types=devices)
+    def pair_bwd(grad_loss: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor, lse: torch.Tensor,
+                 inv_temperature: float, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return tk.pair_bwd(grad_loss, z0, z1, lse, inv_temperature, normalize)
+
+    @torch.library.custom_op("sslkernels_triton::info_nce_neg_fwd", mutates_args=(),
+                             device_types=devices)
+    def neg_fwd(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, inv_temperature: float,
+                normalize: bool, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tk.neg_fwd(q, k, negatives, inv_temperature, normalize, need_grad)
+
+    @torch.library.custom_op("sslkernels_triton::info_nce_neg_bwd", mutates_args=(),
+                             device_types=devices)
+    def neg_bwd(grad_loss: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+                wsum: torch.Tensor, inv_temperature: float,
+                normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return tk.neg_bwd(grad_loss, q, k, lse, wsum, inv_temperature, normalize)
+
+    _register("sslkernels_triton", pair_bwd, neg_bwd)
+    return torch.ops.sslkernels_triton
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+def default_backend(device: torch.device) -> str:
+    """The backend :func:`fused_info_nce` uses for tensors on ``device`` when none is given."""
+    if device.type == "cuda":
+        return "triton" if triton_available() else "cuda"
+    return "cpu"
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    _validate.choice("backend", backend, BACKENDS)
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not _ext.cuda_built():
+            raise RuntimeError("backend='cuda': this build of sslkernels has no CUDA kernels "
+                               "(torch without CUDA or no nvcc at build time)")
+    if backend == "triton":
+        if device.type == "cpu" and not _triton_interpreted():
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                             "triton is imported; use backend='cpu' for the C++ CPU kernel")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
+
+
+def fused_info_nce(z0: torch.Tensor, z1: torch.Tensor, negatives: torch.Tensor | None = None, *,
+                   temperature: float = 0.5, normalize: bool = True, reduction: str = "mean",
+                   backend: str | None = None) -> torch.Tensor:
+    r"""InfoNCE / NT-Xent without materializing the logits matrix.
+
+    **Two views (SimCLR)** - ``negatives is None``. ``z0, z1``: (N, D), the two views of N
+    samples. With :math:`Z = [\hat z_0; \hat z_1]` (2N, D) (rows L2-normalized unless
+    ``normalize=False``) and :math:`S = Z Z^\top / \tau`, row :math:`i`'s positive is its other
+    view :math:`p(i) = (i + N) \bmod 2N` and
+
+    .. math:: \ell_i = \log \sum_{j \ne i} e^{S_{ij}} - S_{i,p(i)}, \qquad i = 1 \dots 2N.
+
+    ``reduction="mean"`` averages the 2N rows: this equals ``lightly.loss.NTXentLoss`` and half
+    of google-research/simclr's ``loss_a + loss_b``. ``"none"`` returns the (2N,) rows ordered
+    [view 0, view 1].
+
+    **Query/key with negatives (MoCo)** - ``z0 = q``, ``z1 = k``: (N, D), ``negatives``: (K, D)
+    (e.g. :attr:`NegativeQueue.negatives`, any float dtype, read in place). Logits
+    :math:`[q_i\cdot k_i,\; q_i \cdot Q^\top] / \tau` with label 0:
+
+    .. math:: \ell_i = \log\Big(e^{q_i\cdot k_i/\tau} + \sum_j e^{q_i\cdot Q_j/\tau}\Big) - q_i\cdot k_i/\tau.
+
+    Gradients flow to ``z0`` and ``z1`` (pass ``k.detach()`` for MoCo's stop-gradient), never
+    to ``negatives``. ``"none"`` returns (N,) rows.
+
+    Args:
+        z0, z1: (N, D) float16, bfloat16, float32 or float64, same dtype and device.
+        negatives: optional (K, D) floating tensor on the same device.
+        temperature: :math:`\tau > 0`. Stable down to 0.01 in fp16/bf16.
+        normalize: L2-normalize rows first (``F.normalize``, eps 1e-12).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: ``None`` (CPU tensors: ``"cpu"``; CUDA: ``"triton"``, else ``"cuda"``),
+            ``"reference"`` (plain PyTorch, O(N^2) memory), ``"cpu"``, ``"cuda"``, ``"triton"``.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs); a scalar unless ``reduction="none"``.
+        Accumulation is always in float32 or wider; memory is O(N*D), never O(N^2) or O(N*K).
+    """
+    _validate.tensor("z0", z0, ndim=2)
+    _validate.tensor("z1", z1, ndim=2)
+    if z0.shape != z1.shape:
+        raise ValueError(f"z0 and z1 must have the same shape (N, D), got {tuple(z0.shape)} "
+                         f"and {tuple(z1.shape)}")
+    if z0.dtype != z1.dtype:
+        raise TypeError(f"z0 and z1 must have the same dtype, got {z0.dtype} and {z1.dtype}")
+    if z0.shape[0] == 0:
+        raise ValueError("z0 and z1 must hold at least one row (N >= 1), got N = 0")
+    if z0.shape[1] == 0:
+        raise ValueError("z0 and z1 must have at least one feature (D >= 1), got D = 0")
+    inv_t = 1.0 / _validate.positive("temperature", temperature)
+    _validate.choice("reduction", reduction, REDUCTIONS)
+    if negatives is not None:
+        _validate.tensor("negatives", negatives, ndim=2)
+        if negatives.shape[1] != z0.shape[1]:
+            raise ValueError(f"negatives must have width D = {z0.shape[1]} like z0, got shape "
+                             f"{tuple(negatives.shape)}")
+        device = _validate.same_device(z0=z0, z1=z1, negatives=negatives)
+    else:
+        device = _validate.same_device(z0=z0, z1=z1)
+    backend = default_backend(device) if backend is None else backend
+    _check_backend(backend, device)
+    normalize = bool(normalize)
+
+    if backend == "reference":
+        if negatives is None:
+            rows = _ref.info_nce_pair_rows(z0, z1, 1.0 / inv_t, normalize)
+        else:
+            rows = _ref.info_nce_negatives_rows(z0, z1, negatives, 1.0 / inv_t, normalize)
+        rows = rows.to(_acc_dtype(z0))
+    else:
+        ops = torch.ops.sslkernels if backend in ("cpu", "cuda") else _triton_ops()
+        if negatives is None:
+            rows, _ = ops.info_nce_pair_fwd(z0, z1, inv_t, normalize)
+        else:
+            need_grad = torch.is_grad_enabled() and (z0.requires_grad or z1.requires_grad)
+            rows, _, _ = ops.info_nce_neg_fwd(z0, z1, negatives.detach(), inv_t, normalize,
+                                              need_grad)
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows

@@ -1,0 +1,101 @@
+"""Drop-in loss modules built on :func:`sslkernels.fused_info_nce`.
+
+``NTXentLoss`` takes the constructor arguments of ``lightly.loss.NTXentLoss`` so that swapping
+the import is the whole migration; ``InfoNCELoss`` is the MoCo-style query/key(/negatives) form.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validate
+from .info_nce import fused_info_nce
+
+
+class NTXentLoss(nn.Module):
+    r"""Normalized temperature-scaled cross-entropy (SimCLR), same interface as lightly's.
+
+    ``loss = NTXentLoss(temperature=0.5)(out0, out1)`` with ``out0, out1``: (N, D) embeddings of
+    the two views. Equals ``lightly.loss.NTXentLoss`` value for value and gradient for gradient
+    (see :func:`sslkernels.fused_info_nce` for the equation).
+
+    Args:
+        temperature: :math:`\tau > 0`.
+        memory_bank_size: 0 (in-batch negatives only) or the number of past ``out1`` embeddings
+            kept as extra negatives, as lightly does: the loss is then the MoCo form
+            ``q = out0, k = out1`` with the bank as negatives, and ``out1`` (detached,
+            normalized) is written into the bank after the loss is computed. A lightly-style
+            ``(size, dim)`` tuple is accepted too.
+        gather_distributed: gather embeddings from all ranks before the loss (needs an
+            initialized process group with more than one rank to have any effect).
+        backend: forwarded to :func:`fused_info_nce`.
+    """
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size: int | tuple = 0,
+                 gather_distributed: bool = False, backend: str | None = None):
+        super().__init__()
+        self.temperature = _validate.positive("temperature", temperature)
+        if isinstance(memory_bank_size, (tuple, list)):
+            size, dim = int(memory_bank_size[0]), int(memory_bank_size[1])
+        else:
+            size, dim = int(memory_bank_size), None
+        if size < 0:
+            raise ValueError(f"memory_bank_size must be >= 0, got {memory_bank_size}")
+        self.memory_bank_size = size
+        self.gather_distributed = bool(gather_distributed)
+        self.backend = backend
+        self._bank_dim = dim
+        self.register_buffer("bank", torch.empty(0), persistent=True)
+        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def _init_bank(self, like: torch.Tensor) -> None:
+        dim = like.shape[1] if self._bank_dim is None else self._bank_dim
+        if dim != like.shape[1]:
+            raise ValueError(f"memory bank has width {dim}, got embeddings of width {like.shape[1]}")
+        # lightly starts from random unit vectors, not zeros: zero rows would be negatives with
+        # logit 0 that never go away until overwritten.
+        self.bank = F.normalize(torch.randn(self.memory_bank_size, dim, device=like.device), dim=1)
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        if self.gather_distributed and torch.distributed.is_available() and \
+                torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise NotImplementedError("gather_distributed=True across several ranks is not "
+                                      "implemented yet (tracked in issue 7)")
+        if self.memory_bank_size == 0:
+            return fused_info_nce(out0, out1, temperature=self.temperature, backend=self.backend)
+        if self.bank.numel() == 0:
+            self._init_bank(out1)
+        loss = fused_info_nce(out0, out1, negatives=self.bank, temperature=self.temperature,
+                              backend=self.backend)
+        with torch.no_grad():
+            keys = F.normalize(out1.detach(), dim=1).to(self.bank.dtype)[-self.memory_bank_size:]
+            ptr = int(self.bank_ptr)
+            idx = (torch.arange(keys.shape[0], device=keys.device) + ptr) % self.memory_bank_size
+            self.bank.index_copy_(0, idx, keys)
+            self.bank_ptr.fill_((ptr + keys.shape[0]) % self.memory_bank_size)
+        return loss
+
+
+class InfoNCELoss(nn.Module):
+    r"""InfoNCE between queries and keys, with optional external negatives.
+
+    ``InfoNCELoss(temperature=0.2)(q, k)`` is the two-view NT-Xent over ``q`` and ``k``;
+    ``InfoNCELoss(temperature=0.2)(q, k, negatives)`` is MoCo's loss with logits
+    ``[q.k, q.Q^T]/T`` and label 0 (no gradient to ``negatives``; detach ``k`` yourself for a
+    momentum encoder). See :func:`sslkernels.fused_info_nce`.
+    """
+
+    def __init__(self, temperature: float = 0.07, normalize: bool = True, reduction: str = "mean",
+                 backend: str | None = None):
+        super().__init__()
+        self.temperature = _validate.positive("temperature", temperature)
+        self.normalize = bool(normalize)
+        self.reduction = _validate.choice("reduction", reduction, ("mean", "sum", "none"))
+        self.backend = backend
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor,
+                negatives: torch.Tensor | None = None) -> torch.Tensor:
+        return fused_info_nce(query, key, negatives, temperature=self.temperature,
+                              normalize=self.normalize, reduction=self.reduction,
+                              backend=self.backend)

@@ -1,0 +1,1 @@
+"""Plain-PyTorch reference implementations: the oracles the kernels are tested against."""
