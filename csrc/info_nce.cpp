@@ -30,25 +30,27 @@ void check_negatives(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor> negatives_bwd(const at::Tensor& grad_loss, const at::Tensor& q,
-                                                 const at::Tensor& k, const at::Tensor& lse,
+                                                 const at::Tensor& k, const at::Tensor& lse_neg,
                                                  const at::Tensor& wsum, double inv_t,
                                                  bool normalize) {
-  return negatives_backward(grad_loss, q, k, lse, wsum, inv_t, normalize);
+  return negatives_backward(grad_loss, q, k, lse_neg, wsum, inv_t, normalize);
 }
 
 }  // namespace sslk::info_nce
 
 TORCH_LIBRARY_FRAGMENT(sslkernels, m) {
-  // Two views (SimCLR): per-row losses over the 2N stacked rows and their log-sum-exps.
+  // Every forward returns per-row losses and lse_neg, the log-sum-exp of each row's logits over
+  // its negatives only (diagonal and positive excluded); the backward derives the rest.
+  // Two views (SimCLR): rows are the 2N stacked views.
   m.def("info_nce_pair_fwd(Tensor z0, Tensor z1, float inv_temperature, bool normalize)"
         " -> (Tensor, Tensor)");
-  m.def("info_nce_pair_bwd(Tensor grad_loss, Tensor z0, Tensor z1, Tensor lse,"
+  m.def("info_nce_pair_bwd(Tensor grad_loss, Tensor z0, Tensor z1, Tensor lse_neg,"
         " float inv_temperature, bool normalize) -> (Tensor, Tensor)");
   // Query/key with external negatives (MoCo). With need_grad the forward also returns
   // wsum = P_neg @ negatives_n, which makes the backward free of any pass over the negatives.
   m.def("info_nce_neg_fwd(Tensor q, Tensor k, Tensor negatives, float inv_temperature,"
         " bool normalize, bool need_grad) -> (Tensor, Tensor, Tensor)");
-  m.def("info_nce_neg_bwd(Tensor grad_loss, Tensor q, Tensor k, Tensor lse, Tensor wsum,"
+  m.def("info_nce_neg_bwd(Tensor grad_loss, Tensor q, Tensor k, Tensor lse_neg, Tensor wsum,"
         " float inv_temperature, bool normalize) -> (Tensor, Tensor)");
 }
 

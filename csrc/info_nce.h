@@ -20,43 +20,93 @@ inline at::ScalarType acc_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline UnitRows unit_rows(const at::Tensor& x, bool normalize, at::ScalarType acc) {
-  at::Tensor xc = x.to(acc).contiguous();
-  if (!normalize) return {xc, at::Tensor(), at::Tensor()};
-  at::Tensor norm = at::linalg_vector_norm(xc, 2, {1}, /*keepdim=*/true);
+// The rows of `parts`, stacked, upcast and normalized in one new buffer (no other copy: this is
+// the only N x D temporary of a forward).
+inline UnitRows unit_rows(at::TensorList parts, bool normalize, at::ScalarType acc) {
+  int64_t rows = 0;
+  for (const auto& p : parts) rows += p.size(0);
+  at::Tensor x = at::empty({rows, parts[0].size(1)}, parts[0].options().dtype(acc));
+  int64_t r0 = 0;
+  for (const auto& p : parts) {
+    x.narrow(0, r0, p.size(0)).copy_(p);
+    r0 += p.size(0);
+  }
+  if (!normalize) return {x, at::Tensor(), at::Tensor()};
+  at::Tensor norm = at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/true);
   at::Tensor denom = norm.clamp_min(kNormEps);
-  return {xc / denom, denom.reciprocal(), norm};
+  x.div_(denom);
+  return {x, denom.reciprocal(), norm};
 }
 
-// d/dx of x / max(||x||, eps) applied to the gradient of the normalized rows.
-inline at::Tensor unit_rows_backward(const at::Tensor& dxn, const UnitRows& u, bool normalize) {
+// <a_i, b_i> for every row, without an N x D temporary.
+inline at::Tensor row_dot(const at::Tensor& a, const at::Tensor& b) {
+  return at::bmm(a.unsqueeze(1), b.unsqueeze(2)).view({a.size(0)});
+}
+
+// In place on dxn: d/dx of x / max(||x||, eps) applied to the gradient of the normalized rows.
+inline at::Tensor& unit_rows_backward_(at::Tensor& dxn, const UnitRows& u, bool normalize) {
   if (!normalize) return dxn;
-  at::Tensor dot = (u.x * dxn).sum(1, /*keepdim=*/true) * (u.norm > kNormEps);
-  return (dxn - u.x * dot) * u.rnorm;
+  at::Tensor dot = row_dot(u.x, dxn).unsqueeze(1) * (u.norm > kNormEps);
+  dxn.addcmul_(u.x, dot, -1).mul_(u.rnorm);
+  return dxn;
+}
+
+// S = a b^T / tau into `out` (the scale rides on the GEMM's alpha: no scaled copy of a).
+inline void scaled_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double inv_t) {
+  at::addmm_out(out, out, a, b.t(), /*beta=*/0, /*alpha=*/inv_t);
 }
 
 // Logit of each row with its positive: rows i and i+N of the stacked views pair up.
 inline at::Tensor pair_positive_logits(const at::Tensor& zn, int64_t n, double inv_t) {
-  at::Tensor p = (zn.narrow(0, 0, n) * zn.narrow(0, n, n)).sum(1) * inv_t;
+  at::Tensor p = row_dot(zn.narrow(0, 0, n), zn.narrow(0, n, n)) * inv_t;
   return at::cat({p, p});
 }
 
+// The kernels reduce over the negatives only (the positive and the diagonal are masked) and
+// return lse_neg; the loss is then softplus(lse_neg - pos) = log(1 + sum_neg e^(s - pos)), which
+// keeps full relative precision when the positive dominates and the loss is tiny (forming
+// lse - pos from a full log-sum-exp of ~1/tau would lose it to rounding). An empty set of
+// negatives (lse_neg = -inf) gives 0.
+inline at::Tensor loss_from_lse_neg(const at::Tensor& lse_neg, const at::Tensor& pos) {
+  return at::softplus(lse_neg - pos);
+}
+
+// Last step of the two-view backward, once dzn holds sum_j M_ij zn_j over the negatives: the
+// positive pair (i, p) adds g_i (P_ip - 1) + g_p (P_pi - 1) = g_i expm1(-loss_i) + g_p
+// expm1(-loss_p), exact even when P_ip is within rounding of 1; scale by 1/tau; undo the
+// normalization; split the views.
+inline std::tuple<at::Tensor, at::Tensor> pair_backward_epilogue(
+    at::Tensor dzn, const UnitRows& u, const at::Tensor& g, const at::Tensor& loss, double inv_t,
+    bool normalize, const at::Tensor& z0, const at::Tensor& z1) {
+  const int64_t n = z0.size(0);
+  at::Tensor ge = g * at::expm1(-loss);
+  at::Tensor c = (ge.narrow(0, 0, n) + ge.narrow(0, n, n)).unsqueeze(1);
+  dzn.narrow(0, 0, n).addcmul_(u.x.narrow(0, n, n), c);
+  dzn.narrow(0, n, n).addcmul_(u.x.narrow(0, 0, n), c);
+  dzn.mul_(inv_t);
+  unit_rows_backward_(dzn, u, normalize);
+  // copy=true: the two gradients must not share storage (an op's outputs may not alias).
+  return {dzn.narrow(0, 0, n).to(z0.scalar_type(), false, true),
+          dzn.narrow(0, n, n).to(z1.scalar_type(), false, true)};
+}
+
 // The gradient of the MoCo loss needs no pass over the negatives: the forward saved
-// wsum_i = sum_j P_ij * Qn_j, so with p0_i = P_i,pos the rows get
-//   dqn_i = g_i/tau * ((p0_i - 1) * kn_i + wsum_i),   dkn_i = g_i/tau * (p0_i - 1) * qn_i.
+// wsum_i = sum_j P_ij * Qn_j, so with P_i,pos - 1 = expm1(-loss_i) the rows get
+//   dqn_i = g_i/tau * (expm1(-loss_i) * kn_i + wsum_i),   dkn_i = g_i/tau * expm1(-loss_i) * qn_i.
 inline std::tuple<at::Tensor, at::Tensor> negatives_backward(
-    const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
-    const at::Tensor& wsum, double inv_t, bool normalize) {
+    const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& lse_neg, const at::Tensor& wsum, double inv_t, bool normalize) {
   const auto acc = acc_dtype(q);
-  UnitRows uq = unit_rows(q, normalize, acc);
-  UnitRows uk = unit_rows(k, normalize, acc);
+  UnitRows uq = unit_rows({q}, normalize, acc);
+  UnitRows uk = unit_rows({k}, normalize, acc);
   at::Tensor g = grad_loss.to(acc);
-  at::Tensor l_pos = (uq.x * uk.x).sum(1) * inv_t;
-  at::Tensor coef = ((l_pos - lse.to(acc)).exp() - 1.0) * g * inv_t;
+  at::Tensor l_pos = row_dot(uq.x, uk.x) * inv_t;
+  at::Tensor loss = loss_from_lse_neg(lse_neg.to(acc), l_pos);
+  at::Tensor coef = at::expm1(-loss) * g * inv_t;
   at::Tensor dqn = uk.x * coef.unsqueeze(1) + wsum.to(acc) * (g * inv_t).unsqueeze(1);
   at::Tensor dkn = uq.x * coef.unsqueeze(1);
-  return {unit_rows_backward(dqn, uq, normalize).to(q.scalar_type()),
-          unit_rows_backward(dkn, uk, normalize).to(k.scalar_type())};
+  return {unit_rows_backward_(dqn, uq, normalize).to(q.scalar_type()),
+          unit_rows_backward_(dkn, uk, normalize).to(k.scalar_type())};
 }
 
 void check_pair(const at::Tensor& z0, const at::Tensor& z1);

@@ -38,7 +38,7 @@ def _pair_fwd_fake(z0, z1, inv_temperature, normalize):
     return z0.new_empty(2 * n, dtype=_acc_dtype(z0)), z0.new_empty(2 * n, dtype=_acc_dtype(z0))
 
 
-def _pair_bwd_fake(grad_loss, z0, z1, lse, inv_temperature, normalize):
+def _pair_bwd_fake(grad_loss, z0, z1, lse_neg, inv_temperature, normalize):
     return torch.empty_like(z0), torch.empty_like(z1)
 
 
@@ -49,11 +49,11 @@ def _neg_fwd_fake(q, k, negatives, inv_temperature, normalize, need_grad):
     return q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc), w
 
 
-def _neg_bwd_fake(grad_loss, q, k, lse, wsum, inv_temperature, normalize):
+def _neg_bwd_fake(grad_loss, q, k, lse_neg, wsum, inv_temperature, normalize):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-def _register(ns, pair_bwd, neg_bwd):
+def _register(ns, pair_bwd, neg_fwd, neg_bwd):
     """Fake kernels and autograd for the four ops of namespace ``ns``."""
     lib = f"{ns}::"
     torch.library.register_fake(lib + "info_nce_pair_fwd")(_pair_fwd_fake)
@@ -61,6 +61,8 @@ def _register(ns, pair_bwd, neg_bwd):
     torch.library.register_fake(lib + "info_nce_neg_fwd")(_neg_fwd_fake)
     torch.library.register_fake(lib + "info_nce_neg_bwd")(_neg_bwd_fake)
 
+    # Outputs: per-row losses, and lse_neg (each row's log-sum-exp over its negatives only; the
+    # backward derives the loss and the full log-sum-exp from it), which is not differentiable.
     def pair_setup(ctx, inputs, output):
         z0, z1, inv_t, normalize = inputs
         ctx.mark_non_differentiable(output[1])
@@ -68,8 +70,8 @@ def _register(ns, pair_bwd, neg_bwd):
         ctx.inv_t, ctx.normalize = inv_t, normalize
 
     def pair_backward(ctx, grad_loss, _grad_lse):
-        z0, z1, lse = ctx.saved_tensors
-        dz0, dz1 = pair_bwd(grad_loss.contiguous(), z0, z1, lse, ctx.inv_t, ctx.normalize)
+        z0, z1, lse_neg = ctx.saved_tensors
+        dz0, dz1 = pair_bwd(grad_loss.contiguous(), z0, z1, lse_neg, ctx.inv_t, ctx.normalize)
         return dz0, dz1, None, None
 
     torch.library.register_autograd(lib + "info_nce_pair_fwd", pair_backward,
@@ -78,22 +80,24 @@ def _register(ns, pair_bwd, neg_bwd):
     def neg_setup(ctx, inputs, output):
         q, k, negatives, inv_t, normalize, need_grad = inputs
         ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(q, k, output[1], output[2])
+        # Without need_grad the forward skipped the softmax-weighted negatives; keep a reference
+        # to the negatives (no copy) so a backward that is asked for anyway can redo it.
+        ctx.save_for_backward(q, k, output[1], output[2], None if need_grad else negatives)
         ctx.inv_t, ctx.normalize, ctx.need_grad = inv_t, normalize, need_grad
 
     def neg_backward(ctx, grad_loss, _grad_lse, _grad_wsum):
-        q, k, lse, wsum = ctx.saved_tensors
+        q, k, lse_neg, wsum, negatives = ctx.saved_tensors
         if not ctx.need_grad:
-            raise RuntimeError("fused_info_nce: the forward ran with need_grad=False, so it saved "
-                               "no softmax-weighted negatives; call it with gradients enabled")
-        dq, dk = neg_bwd(grad_loss.contiguous(), q, k, lse, wsum, ctx.inv_t, ctx.normalize)
+            _, lse_neg, wsum = neg_fwd(q, k, negatives, ctx.inv_t, ctx.normalize, True)
+        dq, dk = neg_bwd(grad_loss.contiguous(), q, k, lse_neg, wsum, ctx.inv_t, ctx.normalize)
         return dq, dk, None, None, None, None
 
     torch.library.register_autograd(lib + "info_nce_neg_fwd", neg_backward,
                                     setup_context=neg_setup)
 
 
-_register("sslkernels", torch.ops.sslkernels.info_nce_pair_bwd, torch.ops.sslkernels.info_nce_neg_bwd)
+_ops = torch.ops.sslkernels
+_register("sslkernels", _ops.info_nce_pair_bwd, _ops.info_nce_neg_fwd, _ops.info_nce_neg_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +144,7 @@ def _triton_ops():
                 normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return tk.neg_bwd(grad_loss, q, k, lse, wsum, inv_temperature, normalize)
 
-    _register("sslkernels_triton", pair_bwd, neg_bwd)
+    _register("sslkernels_triton", pair_bwd, neg_fwd, neg_bwd)
     return torch.ops.sslkernels_triton
 
 

@@ -120,8 +120,8 @@ void col_stats(const T* x, int64_t rows, int64_t cols, T* m, T* l) {
 
 template <typename T>
 struct PairTiles {
-  const at::Tensor& zs;  // rows scaled by 1/tau
   const at::Tensor& zn;  // unit rows
+  double inv_t;
   int64_t rows;
 
   int64_t blocks() const { return (rows + kTile - 1) / kTile; }
@@ -131,7 +131,7 @@ struct PairTiles {
   // S tile of blocks (a, b) into `buf` (at least kTile^2 elements), returned as (ra, rb).
   at::Tensor tile(at::Tensor& buf, int64_t a, int64_t b) const {
     at::Tensor s = buf.narrow(0, 0, len(a) * len(b)).view({len(a), len(b)});
-    at::mm_out(s, zs.narrow(0, start(a), len(a)), zn.narrow(0, start(b), len(b)).t());
+    scaled_mm_out(s, zn.narrow(0, start(a), len(a)), zn.narrow(0, start(b), len(b)), inv_t);
     return s;
   }
 
@@ -140,7 +140,7 @@ struct PairTiles {
   template <typename Fn>
   void for_each_pair(const Fn& fn) const {
     const int64_t T_ = blocks();
-    auto opts = zs.options();
+    auto opts = zn.options();
     at::parallel_for(0, T_, 1, [&](int64_t b0, int64_t b1) {
       at::Tensor buf = at::empty({kTile * kTile}, opts);
       for (int64_t b = b0; b < b1; ++b) fn(buf, b, b);
@@ -154,17 +154,31 @@ struct PairTiles {
   }
 };
 
+// Sets the entries of tile (a0.., b0..) that are not negatives (the diagonal, and each row's
+// positive at column (i + rows/2) mod rows) to `value`. Both are their own mirror images, so the
+// same mask serves the tile's rows and its columns.
 template <typename T>
-void pair_lse(const at::Tensor& zs, const at::Tensor& zn, T* lse) {
+void mask_non_negatives(T* x, int64_t a0, int64_t ra, int64_t b0, int64_t rb, int64_t rows,
+                        T value) {
+  const int64_t half = rows / 2;
+  for (int64_t i = 0; i < ra; ++i) {
+    const int64_t gi = a0 + i;
+    const int64_t self = gi - b0, pos = (gi + half) % rows - b0;
+    if (self >= 0 && self < rb) x[i * rb + self] = value;
+    if (pos >= 0 && pos < rb) x[i * rb + pos] = value;
+  }
+}
+
+template <typename T>
+void pair_lse(const at::Tensor& zn, double inv_t, T* lse) {
   const int64_t rows = zn.size(0);
-  PairTiles<T> tiles{zs, zn, rows};
+  PairTiles<T> tiles{zn, inv_t, rows};
   std::vector<T> m(rows, -std::numeric_limits<T>::infinity()), l(rows, T(0));
   tiles.for_each_pair([&](at::Tensor& buf, int64_t a, int64_t b) {
     at::Tensor s = tiles.tile(buf, a, b);
     T* x = s.data_ptr<T>();
     const int64_t ra = tiles.len(a), rb = tiles.len(b), a0 = tiles.start(a), b0 = tiles.start(b);
-    if (a == b)
-      for (int64_t i = 0; i < ra; ++i) x[i * rb + i] = -std::numeric_limits<T>::infinity();
+    mask_non_negatives(x, a0, ra, b0, rb, rows, -std::numeric_limits<T>::infinity());
     for (int64_t i = 0; i < ra; ++i) {
       T mt, lt;
       row_stats(x + i * rb, rb, mt, lt);
@@ -176,14 +190,13 @@ void pair_lse(const at::Tensor& zs, const at::Tensor& zn, T* lse) {
       for (int64_t j = 0; j < rb; ++j) lse_merge(m[b0 + j], l[b0 + j], cm[j], cl[j]);
     }
   });
-  for (int64_t i = 0; i < rows; ++i) lse[i] = m[i] + std::log(l[i]);
+  for (int64_t i = 0; i < rows; ++i) lse[i] = m[i] + std::log(l[i]);  // -inf if no negatives
 }
 
 template <typename T>
-void pair_grad(const at::Tensor& zs, const at::Tensor& zn, const T* lse, const T* g,
-               at::Tensor& dzn) {
+void pair_grad(const at::Tensor& zn, double inv_t, const T* lse, const T* g, at::Tensor& dzn) {
   const int64_t rows = zn.size(0);
-  PairTiles<T> tiles{zs, zn, rows};
+  PairTiles<T> tiles{zn, inv_t, rows};
   constexpr int64_t W = Vec<T>::size();
   tiles.for_each_pair([&](at::Tensor& buf, int64_t a, int64_t b) {
     at::Tensor s = tiles.tile(buf, a, b);
@@ -202,8 +215,8 @@ void pair_grad(const at::Tensor& zs, const at::Tensor& zn, const T* lse, const T
             .store(r + j);
       for (; j < rb; ++j) r[j] = pair_grad_coef(r[j], lse_i, lse_b[j], g_i, g_b[j]);
     }
+    mask_non_negatives(x, a0, ra, b0, rb, rows, T(0));
     if (a == b) {
-      for (int64_t i = 0; i < ra; ++i) x[i * rb + i] = T(0);
       dzn.narrow(0, a0, ra).addmm_(s, zn.narrow(0, b0, rb));
     } else {
       dzn.narrow(0, a0, ra).addmm_(s, zn.narrow(0, b0, rb));
@@ -217,38 +230,32 @@ std::tuple<at::Tensor, at::Tensor> pair_fwd(const at::Tensor& z0, const at::Tens
   check_pair(z0, z1);
   const auto acc = acc_dtype(z0);
   const int64_t n = z0.size(0);
-  UnitRows u = unit_rows(at::cat({z0, z1}), normalize, acc);
-  at::Tensor zs = u.x * inv_t;
-  at::Tensor lse = at::empty({2 * n}, u.x.options());
+  UnitRows u = unit_rows({z0, z1}, normalize, acc);
+  at::Tensor lse_neg = at::empty({2 * n}, u.x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_pair_fwd", [&] {
-    pair_lse<scalar_t>(zs, u.x, lse.data_ptr<scalar_t>());
+    pair_lse<scalar_t>(u.x, inv_t, lse_neg.data_ptr<scalar_t>());
   });
-  at::Tensor loss = lse - pair_positive_logits(u.x, n, inv_t);
-  return {loss, lse};
+  return {loss_from_lse_neg(lse_neg, pair_positive_logits(u.x, n, inv_t)), lse_neg};
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_bwd(const at::Tensor& grad_loss, const at::Tensor& z0,
-                                            const at::Tensor& z1, const at::Tensor& lse,
+                                            const at::Tensor& z1, const at::Tensor& lse_neg,
                                             double inv_t, bool normalize) {
   check_pair(z0, z1);
   const auto acc = acc_dtype(z0);
   const int64_t n = z0.size(0);
-  TORCH_CHECK(grad_loss.numel() == 2 * n && lse.numel() == 2 * n,
-              "grad_loss and lse must have 2N elements");
-  UnitRows u = unit_rows(at::cat({z0, z1}), normalize, acc);
-  at::Tensor zs = u.x * inv_t;
+  TORCH_CHECK(grad_loss.numel() == 2 * n && lse_neg.numel() == 2 * n,
+              "grad_loss and lse_neg must have 2N elements");
+  UnitRows u = unit_rows({z0, z1}, normalize, acc);
   at::Tensor g = grad_loss.to(acc).contiguous();
-  at::Tensor lse_c = lse.to(acc).contiguous();
+  at::Tensor pos = pair_positive_logits(u.x, n, inv_t);
+  at::Tensor loss = loss_from_lse_neg(lse_neg.to(acc), pos);
+  at::Tensor lse_c = (pos + loss).contiguous();  // full log-sum-exp of each row
   at::Tensor dzn = at::zeros_like(u.x);
   AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_pair_bwd", [&] {
-    pair_grad<scalar_t>(zs, u.x, lse_c.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dzn);
+    pair_grad<scalar_t>(u.x, inv_t, lse_c.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dzn);
   });
-  // The positive entry of row i is S_i,pos(i); it and its mirror take -(g_i + g_pos(i)).
-  at::Tensor gp = g.narrow(0, 0, n) + g.narrow(0, n, n);
-  at::Tensor zpos = at::cat({u.x.narrow(0, n, n), u.x.narrow(0, 0, n)});
-  dzn.sub_(zpos * at::cat({gp, gp}).unsqueeze(1)).mul_(inv_t);
-  at::Tensor dz = unit_rows_backward(dzn, u, normalize);
-  return {dz.narrow(0, 0, n).to(z0.scalar_type()), dz.narrow(0, n, n).to(z1.scalar_type())};
+  return pair_backward_epilogue(dzn, u, g, loss, inv_t, normalize, z0, z1);
 }
 
 // Per-chunk state of the negatives pass: running max, sum and the rescaled P @ Qn.
@@ -317,11 +324,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neg_fwd(const at::Tensor& q, cons
   check_negatives(q, k, negatives);
   const auto acc = acc_dtype(q);
   const int64_t n = q.size(0), d = q.size(1), K = negatives.size(0);
-  UnitRows uq = unit_rows(q, normalize, acc);
-  UnitRows uk = unit_rows(k, normalize, acc);
-  at::Tensor qs = uq.x * inv_t;
-  at::Tensor l_pos = (uq.x * uk.x).sum(1) * inv_t;
-  at::Tensor lse = at::empty({n}, uq.x.options());
+  UnitRows uq = unit_rows({q}, normalize, acc);
+  UnitRows uk = unit_rows({k}, normalize, acc);
+  at::Tensor qs = uq.x * inv_t;  // N x D: small next to the K negatives
+  at::Tensor l_pos = row_dot(uq.x, uk.x) * inv_t;
+  at::Tensor lse_neg = at::empty({n}, uq.x.options());
+  at::Tensor loss;
   at::Tensor wsum = need_grad ? at::zeros({n, d}, uq.x.options()) : at::empty({0}, uq.x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_neg_fwd", [&] {
     using T = scalar_t;
@@ -340,27 +348,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neg_fwd(const at::Tensor& q, cons
                            std::min(K, t1 * kNegTile), states[c]);
       }
     });
-    // Merge the chunks and the positive logit (sum 1 at its own max), then rescale wsum to
-    // the final log-sum-exp.
-    const T* lp = l_pos.data_ptr<T>();
-    T* out = lse.data_ptr<T>();
-    std::vector<T> mrow(n);
+    // Merge the chunks into lse_neg, then rescale wsum to the full log-sum-exp
+    // lse = l_pos + loss.
+    T* out = lse_neg.data_ptr<T>();
     for (int64_t i = 0; i < n; ++i) {
-      T m = lp[i], l = T(1);
+      T m = -std::numeric_limits<T>::infinity(), l = T(0);
       for (const auto& st : states) lse_merge(m, l, st.m[i], st.l[i]);
       out[i] = m + std::log(l);
     }
+    loss = loss_from_lse_neg(lse_neg, l_pos);
     if (need_grad) {
+      at::Tensor lse = l_pos + loss;
+      const T* full = lse.data_ptr<T>();
       for (const auto& st : states) {
         at::Tensor scale = at::empty({n, 1}, uq.x.options());
         T* sc = scale.data_ptr<T>();
         for (int64_t i = 0; i < n; ++i)
-          sc[i] = st.l[i] == T(0) ? T(0) : softmax_weight(st.m[i], out[i]);
+          sc[i] = st.l[i] == T(0) ? T(0) : softmax_weight(st.m[i], full[i]);
         wsum.addcmul_(st.w, scale);
       }
     }
   });
-  return {lse - l_pos, lse, wsum};
+  return {loss, lse_neg, wsum};
 }
 
 }  // namespace

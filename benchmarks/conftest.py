@@ -1,0 +1,103 @@
+"""Benchmark plumbing: every benchmark records its median under (group, name); at the end of the
+session each group prints its ratios to the group's baseline, measured in the same run, next to
+the peak memory and the machine. Ratios, not absolute times, are what to compare across runs."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+import torch
+
+_RESULTS: dict[str, dict[str, float]] = defaultdict(dict)
+_NOTES: dict[str, list[str]] = defaultdict(list)
+_BASELINES: dict[str, list[str]] = {}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), {gpu}")
+
+
+class Recorder:
+    """Wraps pytest-benchmark's fixture: ``rec(group, name, fn)`` times fn and records it."""
+
+    def __init__(self, benchmark):
+        self.benchmark = benchmark
+
+    def __call__(self, group: str, name: str, fn, *, baselines=(), rounds=None, warmup=1):
+        self.benchmark.group = group
+        self.benchmark.name = name
+        if baselines:
+            _BASELINES[group] = list(baselines)
+        for _ in range(warmup):
+            fn()
+        if rounds:
+            self.benchmark.pedantic(fn, rounds=rounds, iterations=1)
+        else:
+            self.benchmark(fn)
+        _RESULTS[group][name] = self.benchmark.stats.stats.median
+        self.benchmark.extra_info["machine"] = machine()
+
+
+@pytest.fixture
+def rec(benchmark):
+    return Recorder(benchmark)
+
+
+def note(group: str, text: str) -> None:
+    _NOTES[group].append(text)
+
+
+def peak_memory_mb(code: str, *args: str) -> float:
+    """Peak resident memory a snippet adds over its own warm-up, measured in a fresh process:
+    the snippet prints nothing and defines ``setup()`` and ``run()``."""
+    probe = code + (
+        "\nimport resource as _r\nsetup()\n_b = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss\nrun()\n"
+        "print((_r.getrusage(_r.RUSAGE_SELF).ru_maxrss - _b) / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
+                         timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("sslkernels: ratios measured in this run")
+    tr.write_line(f"machine: {machine()}")
+    summary = {"machine": machine(), "groups": {}}
+    for group, times in _RESULTS.items():
+        tr.write_line("")
+        tr.write_line(f"[{group}]")
+        g = summary["groups"][group] = {"median_ms": {k: v * 1e3 for k, v in times.items()}}
+        for name, t in times.items():
+            parts = [f"{name:<34s} {t * 1e3:10.3f} ms"]
+            for base in _BASELINES.get(group, []):
+                if base in times and base != name:
+                    parts.append(f"{t / times[base]:7.2f}x time of {base}")
+            tr.write_line("  ".join(parts))
+        for text in _NOTES.get(group, []):
+            tr.write_line("  " + text)
+        g["notes"] = _NOTES.get(group, [])
+    out = os.environ.get("SSLK_BENCH_JSON")
+    if out:
+        with open(out, "w") as f:
+            json.dump(summary, f, indent=2)

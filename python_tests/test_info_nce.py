@@ -1,0 +1,339 @@
+"""fused_info_nce against the plain-PyTorch reference: values and gradients over odd shapes,
+temperatures and dtypes (bounded by the reference's own error, flash-attention's rule), fp64
+gradcheck, opcheck, torch.compile, the Triton kernels under the interpreter, hypothesis over
+shapes, O(N*D) memory at N = 16384, and bad input."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import sslkernels
+from sslkernels import fused_info_nce
+from sslkernels.info_nce import triton_available
+from sslkernels.reference import info_nce as ref
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [(1, 3), (3, 1), (3, 129), (127, 129), (127, 1), (1000, 3)]
+TEMPS = [0.01, 0.1, 1.0]
+
+
+def _inputs(n, d, dtype, device, seed, count=2, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+            for _ in range(count)]
+
+
+def _truth_and_ref32(fn, tensors, upstream):
+    """fn's rows and input gradients in fp64 (the truth) and in fp32 (the reference's own error)."""
+    out = {}
+    for dt in (torch.float64, torch.float32):
+        xs = [t.detach().to(dt).requires_grad_() for t in tensors]
+        rows = fn(*xs)
+        grads = torch.autograd.grad(rows, xs, upstream.to(dt))
+        out[dt] = (rows.detach().double(), [g.double() for g in grads])
+    return out[torch.float64], out[torch.float32]
+
+
+def _check(ours, truth, ref32, dtype, what):
+    """|ours - truth| <= 4 |ref32 - truth| + floor, the floor covering fp32 accumulation and the
+    final rounding of gradients to the input dtype."""
+    err = (ours.double() - truth).abs()
+    ref_err = (ref32 - truth).abs()
+    scale = truth.abs().max().clamp_min(1.0)
+    eps = {torch.float64: 1e-13, torch.float32: 2e-6, torch.float16: 1e-3,
+           torch.bfloat16: 8e-3}[dtype]
+    floor = 2e-6 * scale + eps * truth.abs()
+    bad = err > 4 * ref_err + floor
+    assert not bad.any(), (f"{what}: max err {err.max().item():.3g}, reference's own error "
+                           f"{ref_err.max().item():.3g}, at {bad.nonzero()[:3].tolist()}")
+
+
+def _run(z0, z1, negatives, temperature, backend, normalize=True):
+    a = z0.detach().requires_grad_()
+    b = z1.detach().requires_grad_()
+    rows = fused_info_nce(a, b, negatives, temperature=temperature, normalize=normalize,
+                          reduction="none", backend=backend)
+    return a, b, rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d", SHAPES)
+@pytest.mark.parametrize("temperature", TEMPS)
+def test_pair_matches_reference(device, dtype, n, d, temperature):
+    if dtype in (torch.float16, torch.bfloat16) and n * d > 50000:
+        pytest.skip("covered by fp32/fp64 at this size")
+    z0, z1 = _inputs(n, d, dtype, device, seed=n * 31 + d)
+    a, b, rows = _run(z0, z1, None, temperature, backend=None)
+    assert rows.shape == (2 * n,) and rows.dtype == (torch.float64 if dtype == torch.float64
+                                                     else torch.float32)
+    assert torch.isfinite(rows).all()
+    up = torch.rand(2 * n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    da, db = torch.autograd.grad(rows, (a, b), up.to(device, rows.dtype))
+    assert da.dtype == dtype and torch.isfinite(da).all() and torch.isfinite(db).all()
+    fn = lambda x, y: ref.info_nce_pair_rows(x, y, temperature)  # noqa: E731
+    (t_rows, t_grads), (r_rows, r_grads) = _truth_and_ref32(fn, [z0, z1], up.to(device))
+    _check(rows, t_rows, r_rows, dtype, "loss")
+    _check(da, t_grads[0], r_grads[0], dtype, "grad z0")
+    _check(db, t_grads[1], r_grads[1], dtype, "grad z1")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,k", [(1, 3, 1), (3, 1, 7), (3, 129, 1000), (127, 129, 7),
+                                   (1000, 3, 1000), (5, 3, 0)])
+@pytest.mark.parametrize("temperature", TEMPS)
+def test_negatives_match_reference(device, dtype, n, d, k, temperature):
+    q, kk = _inputs(n, d, dtype, device, seed=n + d + k)
+    (neg,) = _inputs(k, d, dtype, device, seed=7, count=1)
+    a, b, rows = _run(q, kk, neg, temperature, backend=None)
+    assert rows.shape == (n,) and torch.isfinite(rows).all()
+    up = torch.rand(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    da, db = torch.autograd.grad(rows, (a, b), up.to(device, rows.dtype))
+    fn = lambda x, y: ref.info_nce_negatives_rows(x, y, neg.to(x.dtype), temperature)  # noqa
+    (t_rows, t_grads), (r_rows, r_grads) = _truth_and_ref32(fn, [q, kk], up.to(device))
+    _check(rows, t_rows, r_rows, dtype, "loss")
+    _check(da, t_grads[0], r_grads[0], dtype, "grad q")
+    _check(db, t_grads[1], r_grads[1], dtype, "grad k")
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_reduced_precision_negatives(device, storage):
+    q, k = _inputs(64, 32, torch.float32, device, seed=3)
+    neg = torch.nn.functional.normalize(_inputs(500, 32, torch.float32, device, 4, 1)[0], dim=1)
+    neg_lp = neg.to(storage)
+    ours = fused_info_nce(q, k, neg_lp, temperature=0.07, reduction="none")
+    want = ref.info_nce_negatives_rows(q.double(), k.double(), neg_lp.double(), 0.07)
+    torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["pair", "negatives"])
+def test_unnormalized_inputs(device, mode):
+    z0, z1, neg = _inputs(33, 17, torch.float64, device, seed=5, count=3, scale=0.3)
+    negatives = neg if mode == "negatives" else None
+    a, b, rows = _run(z0, z1, negatives, 0.2, backend=None, normalize=False)
+    a2, b2, rows2 = _run(z0, z1, negatives, 0.2, backend="reference", normalize=False)
+    torch.testing.assert_close(rows, rows2)
+    g = torch.autograd.grad(rows.sum(), (a, b))
+    g2 = torch.autograd.grad(rows2.sum(), (a2, b2))
+    torch.testing.assert_close(g, g2)
+
+
+def test_reductions_and_lightly_equivalence(device):
+    z0, z1 = _inputs(50, 20, torch.float32, device, seed=9)
+    rows = fused_info_nce(z0, z1, temperature=0.3, reduction="none")
+    torch.testing.assert_close(fused_info_nce(z0, z1, temperature=0.3), rows.mean())
+    torch.testing.assert_close(fused_info_nce(z0, z1, temperature=0.3, reduction="sum"),
+                               rows.sum())
+    a = z0.clone().requires_grad_()
+    b = z1.clone().requires_grad_()
+    a2 = z0.clone().requires_grad_()
+    b2 = z1.clone().requires_grad_()
+    ours = fused_info_nce(a, b, temperature=0.3)
+    theirs = ref.lightly_ntxent(a2, b2, temperature=0.3)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(a.grad, a2.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["pair", "negatives"])
+def test_finite_at_small_temperature(device, dtype, mode):
+    z0, z1, neg = _inputs(300, 64, dtype, device, seed=11, count=3)
+    # near-duplicates make the largest logits approach 1/tau = 100
+    z1 = (z0.float() + 0.01 * z1.float()).to(dtype)
+    a, b, rows = _run(z0, z1, neg if mode == "negatives" else None, 0.01, backend=None)
+    assert torch.isfinite(rows).all()
+    ga, gb = torch.autograd.grad(rows.mean(), (a, b))
+    assert torch.isfinite(ga).all() and torch.isfinite(gb).all()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck_fp64(normalize):
+    z0, z1, neg = _inputs(4, 5, torch.float64, "cpu", seed=13, count=3, scale=0.5)
+    for negatives in (None, neg):
+        f = lambda a, b: fused_info_nce(a, b, negatives, temperature=0.3,  # noqa: E731
+                                        normalize=normalize, reduction="none")
+        assert torch.autograd.gradcheck(f, (z0.clone().requires_grad_(),
+                                            z1.clone().requires_grad_()))
+
+
+def test_opcheck_cpu_ops():
+    z0, z1, neg = _inputs(6, 5, torch.float64, "cpu", seed=17, count=3)
+    ops = torch.ops.sslkernels
+    for normalize in (True, False):
+        torch.library.opcheck(ops.info_nce_pair_fwd.default,
+                              (z0.clone().requires_grad_(), z1.clone().requires_grad_(), 2.0,
+                               normalize))
+        loss, lse = ops.info_nce_pair_fwd(z0, z1, 2.0, normalize)
+        torch.library.opcheck(ops.info_nce_pair_bwd.default,
+                              (torch.ones_like(loss), z0, z1, lse, 2.0, normalize))
+        for need_grad in (True, False):
+            torch.library.opcheck(ops.info_nce_neg_fwd.default,
+                                  (z0.clone().requires_grad_(), z1.clone().requires_grad_(), neg,
+                                   2.0, normalize, need_grad))
+        loss, lse, w = ops.info_nce_neg_fwd(z0, z1, neg, 2.0, normalize, True)
+        torch.library.opcheck(ops.info_nce_neg_bwd.default,
+                              (torch.ones_like(loss), z0, z1, lse, w, 2.0, normalize))
+
+
+@pytest.mark.parametrize("mode", ["pair", "negatives"])
+def test_torch_compile_fullgraph(mode):
+    z0, z1, neg = _inputs(20, 8, torch.float32, "cpu", seed=19, count=3)
+    negatives = neg if mode == "negatives" else None
+
+    def step(a, b):
+        return fused_info_nce(a, b, negatives, temperature=0.2)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a = z0.clone().requires_grad_()
+    b = z1.clone().requires_grad_()
+    loss = compiled(a, b)
+    grads = torch.autograd.grad(loss, (a, b))
+    loss2 = step(a, b)
+    grads2 = torch.autograd.grad(loss2, (a, b))
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(grads, grads2)
+
+
+def test_torch_compile_inductor_module():
+    z0, z1 = _inputs(16, 8, torch.float32, "cpu", seed=23)
+    lin = torch.nn.Linear(8, 8)
+    loss_fn = sslkernels.losses.NTXentLoss(temperature=0.5)
+    model = lambda x, y: loss_fn(lin(x), lin(y))  # noqa: E731
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(z0, z1)
+    out.backward()
+    g = lin.weight.grad.clone()
+    lin.weight.grad = None
+    want = model(z0, z1)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(g, lin.weight.grad)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("mode", ["pair", "negatives"])
+def test_triton_backend_through_public_api(mode):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    z0, z1, neg = _inputs(13, 9, torch.float64, dev, seed=29, count=3)
+    negatives = neg if mode == "negatives" else None
+    a, b, rows = _run(z0, z1, negatives, 0.1, backend="triton")
+    a2, b2, rows2 = _run(z0, z1, negatives, 0.1, backend="reference")
+    torch.testing.assert_close(rows, rows2)
+    torch.testing.assert_close(torch.autograd.grad(rows.sum(), (a, b)),
+                               torch.autograd.grad(rows2.sum(), (a2, b2)))
+    if mode == "pair":
+        torch.library.opcheck(torch.ops.sslkernels_triton.info_nce_pair_fwd.default,
+                              (z0.clone().requires_grad_(), z1.clone().requires_grad_(), 10.0,
+                               True))
+    else:
+        torch.library.opcheck(torch.ops.sslkernels_triton.info_nce_neg_fwd.default,
+                              (z0.clone().requires_grad_(), z1.clone().requires_grad_(), neg,
+                               10.0, True, True))
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 300), d=st.integers(1, 70), k=st.integers(0, 600),
+       temperature=st.sampled_from([0.05, 0.5]), seed=st.integers(0, 2**16))
+def test_hypothesis_shapes(n, d, k, temperature, seed):
+    z0, z1, neg = _inputs(max(n, k), d, torch.float64, "cpu", seed=seed, count=3)
+    z0, z1, neg = z0[:n], z1[:n], neg[:k]
+    torch.testing.assert_close(
+        fused_info_nce(z0, z1, temperature=temperature, reduction="none"),
+        ref.info_nce_pair_rows(z0, z1, temperature))
+    torch.testing.assert_close(
+        fused_info_nce(z0, z1, neg, temperature=temperature, reduction="none"),
+        ref.info_nce_negatives_rows(z0, z1, neg, temperature))
+
+
+_MEMORY_PROBE = textwrap.dedent("""
+    import resource, sys, torch, sslkernels
+    torch.manual_seed(0)
+    n, d, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    a = torch.randn(n, d, requires_grad=True)
+    b = torch.randn(n, d, requires_grad=True)
+    neg = torch.randn(65536, d) if mode == "negatives" else None
+    # warm up at a small size so allocator and thread pools exist before the baseline
+    sslkernels.fused_info_nce(a[:64], b[:64], None if neg is None else neg[:64]).backward()
+    a.grad = b.grad = None
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss = sslkernels.fused_info_nce(a, b, neg, temperature=0.1)
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
+    print((peak - base) / 1024)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,n", [("pair", 16384), ("negatives", 4096)])
+def test_memory_is_linear(mode, n):
+    """N = 16384 per view: logits would take 32768^2 * 4 B = 4 GiB; the fused loss must stay
+    within 64 MB of extra memory (inputs, their gradients and the normalized copies included)."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(n), "128", mode],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    extra_mb = float(out.stdout.strip().splitlines()[-1])
+    assert extra_mb <= 64, f"extra peak memory {extra_mb:.1f} MB"
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.z = torch.randn(4, 3)
+
+    def test_shape_mismatch(self):
+        with pytest.raises(ValueError, match="z0 and z1 must have the same shape"):
+            fused_info_nce(self.z, torch.randn(4, 5))
+        with pytest.raises(ValueError, match="z0 must be 2-D"):
+            fused_info_nce(torch.randn(4), self.z)
+
+    def test_width_mismatch_negatives(self):
+        with pytest.raises(ValueError, match="negatives must have width D = 3"):
+            fused_info_nce(self.z, self.z, torch.randn(10, 4))
+
+    def test_empty_batch(self):
+        e = torch.randn(0, 3)
+        with pytest.raises(ValueError, match="N = 0"):
+            fused_info_nce(e, e)
+        with pytest.raises(ValueError, match="D = 0"):
+            fused_info_nce(torch.randn(2, 0), torch.randn(2, 0))
+
+    @pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf")])
+    def test_bad_temperature(self, t):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            fused_info_nce(self.z, self.z, temperature=t)
+
+    def test_integer_dtype(self):
+        i = torch.ones(4, 3, dtype=torch.int64)
+        with pytest.raises(TypeError, match="z0 must have a floating-point dtype"):
+            fused_info_nce(i, i)
+        with pytest.raises(TypeError, match="negatives must have a floating-point dtype"):
+            fused_info_nce(self.z, self.z, torch.ones(5, 3, dtype=torch.int32))
+        with pytest.raises(TypeError, match="same dtype"):
+            fused_info_nce(self.z, self.z.double())
+
+    def test_not_a_tensor(self):
+        with pytest.raises(TypeError, match="z1 must be a torch.Tensor"):
+            fused_info_nce(self.z, [[1.0, 2.0, 3.0]])
+
+    def test_device_mismatch(self):
+        meta = torch.empty(4, 3, device="meta")
+        with pytest.raises(ValueError, match="one device"):
+            fused_info_nce(self.z, meta)
+
+    def test_bad_reduction_and_backend(self):
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            fused_info_nce(self.z, self.z, reduction="avg")
+        with pytest.raises(ValueError, match="backend must be one of"):
+            fused_info_nce(self.z, self.z, backend="tpu")
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+                fused_info_nce(self.z, self.z, backend="cuda")
