@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
 import time
 
@@ -424,28 +425,34 @@ def test_bad_constructor_arguments(kwargs, exc):
 # ---------------------------------------------------------------------------------------------
 # Distributed: two gloo processes on CPU
 
+def _gather_keys(step: int, rank: int) -> torch.Tensor:
+    return torch.full((2, 3), float(10 * step + rank)) + torch.arange(3.0)
+
+
 def _gather_worker(rank, world, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world)
     try:
         queue = NegativeQueue(10, 3, init="empty")
         for step in range(3):  # 3 steps x 2 ranks x 2 keys wraps a K = 10 queue
-            keys = torch.full((2, 3), float(10 * step + rank)) + torch.arange(3.0)
-            queue.enqueue(keys, gather=True)
+            queue.enqueue(_gather_keys(step, rank), gather=True)
         torch.save(queue.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+@pytest.mark.skipif(not torch.distributed.is_available() or sys.platform != "linux",
+                    reason="needs torch.distributed and fork")
 def test_gather_two_gloo_ranks_hold_the_same_queue():
     import torch.multiprocessing as mp
 
+    # fork, not spawn: the workers start with torch already imported (spawn costs seconds of
+    # imports per process). They run no intra-op parallel region, so fork is safe.
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.spawn(_gather_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2,
-                       join=False)
+        ctx = mp.start_processes(_gather_worker, args=(2, os.path.join(tmp, "init"), tmp),
+                                 nprocs=2, join=False, start_method="fork")
         deadline = time.monotonic() + 60
-        while not ctx.join(timeout=1):
+        while not ctx.join(timeout=0.2):
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     p.kill()
@@ -453,8 +460,7 @@ def test_gather_two_gloo_ranks_hold_the_same_queue():
         states = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     model = RingModel(NegativeQueue(10, 3, init="empty"))
     for step in range(3):
-        model.enqueue(torch.cat([torch.full((2, 3), float(10 * step + r)) + torch.arange(3.0)
-                                 for r in range(2)]))
+        model.enqueue(torch.cat([_gather_keys(step, r) for r in range(2)]))
     for s in states:
         torch.testing.assert_close(s["buffer"], model.buf)
         assert int(s["ptr"]) == model.ptr and int(s["fill"]) == model.fill

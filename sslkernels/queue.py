@@ -192,6 +192,8 @@ def _all_gather(keys: torch.Tensor, group) -> torch.Tensor:
         return keys
     keys = keys.contiguous()
     out = keys.new_empty((world * keys.shape[0], keys.shape[1]))
+    # all_gather_single replaces the deprecated all_gather_into_tensor (torch >= 2.14).
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     with torch.no_grad():
-        dist.all_gather_into_tensor(out, keys, group=group)
+        gather_into(out, keys, group=group)
     return out
