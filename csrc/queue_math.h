@@ -69,16 +69,29 @@ SSLK_HD out_t stored_value(in_t x, acc_t denom, bool normalize) {
   return to_storage<out_t>(normalize ? v / denom : v);
 }
 
+// Sum of squares of one row in kLanes independent partial sums (a serial chain of D dependent
+// adds would cost D add latencies per row; the compiler turns the lanes into one vector
+// register), combined pairwise. The CUDA kernel uses the same lanes idea across a warp.
+constexpr int kLanes = 8;
+
+template <typename acc_t, typename in_t>
+SSLK_HD acc_t row_sumsq(const in_t* x, int64_t D) {
+  acc_t s[kLanes];
+  for (int t = 0; t < kLanes; ++t) s[t] = acc_t(0);
+  int64_t j = 0;
+  for (; j + kLanes <= D; j += kLanes)
+    for (int t = 0; t < kLanes; ++t) s[t] = add_square(s[t], static_cast<acc_t>(x[j + t]));
+  for (int t = 0; j < D; ++j, ++t) s[t] = add_square(s[t], static_cast<acc_t>(x[j]));
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int t = 0; t < w; ++t) s[t] += s[t + w];
+  return s[0];
+}
+
 // The whole per-row operation, used by the CPU kernel (the CUDA kernel splits the same two
 // loops over a warp): dst[0:D] = normalize(src[0:D]).
 template <typename acc_t, typename in_t, typename out_t>
 SSLK_HD void store_row(out_t* dst, const in_t* src, int64_t D, bool normalize) {
-  acc_t denom = acc_t(1);
-  if (normalize) {
-    acc_t s = acc_t(0);
-    for (int64_t j = 0; j < D; ++j) s = add_square(s, static_cast<acc_t>(src[j]));
-    denom = norm_denom(s);
-  }
+  const acc_t denom = normalize ? norm_denom(row_sumsq<acc_t>(src, D)) : acc_t(1);
   for (int64_t j = 0; j < D; ++j) dst[j] = stored_value<out_t, acc_t>(src[j], denom, normalize);
 }
 

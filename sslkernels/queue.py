@@ -25,6 +25,9 @@ INITS = ("random", "empty")
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+_ENQUEUE = torch.ops.sslkernels.queue_enqueue_.default
+
+
 @torch.library.register_fake("sslkernels::queue_enqueue_")
 def _enqueue_fake(buffer, ptr, fill, keys, normalize):
     return None
@@ -159,22 +162,24 @@ class NegativeQueue(nn.Module):
                 enqueue is almost always a bug upstream, so it is an error, not a no-op), or
                 non-finite keys under ``check_finite``. The queue is untouched when it raises.
         """
+        buffers = self._buffers  # direct: enqueue is small enough for attribute lookups to show
+        buffer = buffers["buffer"]
         _validate.tensor("keys", keys, ndim=2)
         if keys.shape[1] != self.dim:
             raise ValueError(f"keys must have width D = {self.dim} like the queue, got shape "
                              f"{tuple(keys.shape)}")
         if keys.shape[0] == 0:
             raise ValueError("keys must hold at least one row (B >= 1), got B = 0")
-        if keys.device != self.buffer.device:
-            raise ValueError(f"keys must be on the queue's device {self.buffer.device}, got "
+        if keys.device != buffer.device:
+            raise ValueError(f"keys must be on the queue's device {buffer.device}, got "
                              f"keys on {keys.device}")
-        keys = keys.detach()
+        if keys.requires_grad:
+            keys = keys.detach()
         if check_finite and not bool(torch.isfinite(keys).all()):
             raise ValueError("keys must be finite (check_finite=True), got NaN or infinity")
         if gather and dist.is_available() and dist.is_initialized():
             keys = _all_gather(keys, group)
-        torch.ops.sslkernels.queue_enqueue_(self.buffer, self.ptr, self.fill, keys,
-                                            self.normalize)
+        _ENQUEUE(buffer, buffers["ptr"], buffers["fill"], keys, self.normalize)
         if torch.compiler.is_compiling():
             self._known_fill = None
         elif self._known_fill is not None:
