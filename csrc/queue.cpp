@@ -1,6 +1,7 @@
 // Schema of the ring-buffer queue op and its device-independent argument checks.
 #include "queue.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 namespace sslk::queue {
@@ -26,6 +27,8 @@ void check_enqueue(const at::Tensor& buffer, const at::Tensor& ptr, const at::Te
                   keys.device() == buffer.device(),
               "queue_enqueue_: buffer, ptr, fill and keys must be on one device, got ",
               buffer.device(), ", ", ptr.device(), ", ", fill.device(), ", ", keys.device());
+  // Rows are read and written in one pass: keys must not be rows of the buffer itself.
+  at::assert_no_overlap(buffer, keys);
 }
 
 }  // namespace sslk::queue

@@ -406,6 +406,8 @@ def test_direct_op_call_checks_arguments():
         torch.ops.sslkernels.queue_enqueue_(buf, ptr, fill, torch.ones(2, 4), True)
     with pytest.raises(RuntimeError, match="0-d int64"):
         torch.ops.sslkernels.queue_enqueue_(buf, torch.tensor([0]), fill, torch.ones(2, 3), True)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.sslkernels.queue_enqueue_(buf, ptr, fill, buf[1:3], True)
     assert not buf.any() and int(ptr) == 0
     # A corrupted pointer is wrapped into range, never written out of bounds.
     bad_ptr = torch.tensor(-1)

@@ -21,6 +21,8 @@ from torch import nn
 
 from . import _ext, _validate  # noqa: F401  (_ext loads the compiled ops)
 
+__all__ = ["NegativeQueue"]
+
 INITS = ("random", "empty")
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -160,7 +162,9 @@ class NegativeQueue(nn.Module):
             TypeError: ``keys`` is not a floating tensor.
             ValueError: wrong rank or width, another device, an empty batch (B = 0: an empty
                 enqueue is almost always a bug upstream, so it is an error, not a no-op), or
-                non-finite keys under ``check_finite``. The queue is untouched when it raises.
+                non-finite keys under ``check_finite``.
+            RuntimeError: ``keys`` are rows of the queue's own buffer (clone them first).
+            The queue is untouched when it raises.
         """
         buffers = self._buffers  # direct: enqueue is small enough for attribute lookups to show
         buffer = buffers["buffer"]
