@@ -119,7 +119,9 @@ class NegativeQueue(nn.Module):
         (no sync), so this is sync-free in eager use. After ``load_state_dict``, or after
         enqueues run under ``torch.compile``, the count is unknown and this call reads ``fill``
         once (one host synchronization on CUDA), then caches it. Writing to ``fill`` by hand
-        outside ``enqueue``/``load_state_dict`` is not tracked: call :meth:`forget_fill` after.
+        outside ``enqueue``/``load_state_dict`` (or a DDP buffer broadcast between ranks whose
+        queues differ) is not tracked: call :meth:`forget_fill` after. On an empty queue the
+        result is (0, D), for which ``fused_info_nce`` gives the loss of the positive alone (0).
         """
         if self._known_fill is None:
             self._known_fill = int(self.fill)  # the one documented host read
