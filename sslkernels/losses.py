@@ -6,11 +6,11 @@ the import is the whole migration; ``InfoNCELoss`` is the MoCo-style query/key(/
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _validate
 from .info_nce import fused_info_nce
+from .queue import NegativeQueue
 
 
 class NTXentLoss(nn.Module):
@@ -46,16 +46,11 @@ class NTXentLoss(nn.Module):
         self.gather_distributed = bool(gather_distributed)
         self.backend = backend
         self._bank_dim = dim
-        self.register_buffer("bank", torch.empty(0), persistent=True)
-        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long), persistent=True)
-
-    def _init_bank(self, like: torch.Tensor) -> None:
-        dim = like.shape[1] if self._bank_dim is None else self._bank_dim
-        if dim != like.shape[1]:
-            raise ValueError(f"memory bank has width {dim}, got embeddings of width {like.shape[1]}")
-        # lightly starts from random unit vectors, not zeros: zero rows would be negatives with
-        # logit 0 that never go away until overwritten.
-        self.bank = F.normalize(torch.randn(self.memory_bank_size, dim, device=like.device), dim=1)
+        # The bank is a NegativeQueue, created at the first call when the width is known
+        # (lightly's int form does not give it); like lightly's, it starts from random unit rows.
+        self.bank: NegativeQueue | None = None
+        if size > 0 and dim is not None:
+            self.bank = NegativeQueue(size, dim)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
         if self.gather_distributed and torch.distributed.is_available() and \
@@ -64,16 +59,12 @@ class NTXentLoss(nn.Module):
                                       "implemented yet (tracked in issue 7)")
         if self.memory_bank_size == 0:
             return fused_info_nce(out0, out1, temperature=self.temperature, backend=self.backend)
-        if self.bank.numel() == 0:
-            self._init_bank(out1)
-        loss = fused_info_nce(out0, out1, negatives=self.bank, temperature=self.temperature,
-                              backend=self.backend)
-        with torch.no_grad():
-            keys = F.normalize(out1.detach(), dim=1).to(self.bank.dtype)[-self.memory_bank_size:]
-            ptr = int(self.bank_ptr)
-            idx = (torch.arange(keys.shape[0], device=keys.device) + ptr) % self.memory_bank_size
-            self.bank.index_copy_(0, idx, keys)
-            self.bank_ptr.fill_((ptr + keys.shape[0]) % self.memory_bank_size)
+        if self.bank is None:
+            _validate.tensor("out1", out1, ndim=2)
+            self.bank = NegativeQueue(self.memory_bank_size, out1.shape[1], device=out1.device)
+        loss = fused_info_nce(out0, out1, negatives=self.bank.negatives,
+                              temperature=self.temperature, backend=self.backend)
+        self.bank.enqueue(out1.detach())
         return loss
 
 
