@@ -9,7 +9,9 @@ Two op sets implement the same four ops with the same semantics:
   on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise them without a GPU).
 
 Both get the same autograd formula and fake kernels below, so each passes
-``torch.library.opcheck`` and traces under ``torch.compile(fullgraph=True)``.
+``torch.library.opcheck`` and traces under ``torch.compile(fullgraph=True)``. The second output
+of a forward is an auxiliary log-sum-exp consumed only by the same set's backward: the C++ ops
+return it over the negatives alone (``lse_neg``), the Triton ops over all logits.
 """
 from __future__ import annotations
 
