@@ -71,6 +71,28 @@ inline at::Tensor loss_from_lse_neg(const at::Tensor& lse_neg, const at::Tensor&
   return at::softplus(lse_neg - pos);
 }
 
+// What both two-view backward kernels start from: the stacked unit rows, the upstream gradient,
+// and each row's loss and full log-sum-exp re-derived from lse_neg.
+struct PairBackwardInputs {
+  UnitRows u;
+  at::Tensor g, loss, lse;
+};
+
+inline PairBackwardInputs prepare_pair_backward(const at::Tensor& grad_loss,
+                                                const at::Tensor& z0, const at::Tensor& z1,
+                                                const at::Tensor& lse_neg, double inv_t,
+                                                bool normalize) {
+  const int64_t n = z0.size(0);
+  TORCH_CHECK(grad_loss.numel() == 2 * n && lse_neg.numel() == 2 * n,
+              "grad_loss and lse_neg must have 2N elements");
+  const auto acc = acc_dtype(z0);
+  UnitRows u = unit_rows({z0, z1}, normalize, acc);
+  at::Tensor pos = pair_positive_logits(u.x, n, inv_t);
+  at::Tensor loss = loss_from_lse_neg(lse_neg.to(acc), pos);
+  at::Tensor lse = (pos + loss).contiguous();
+  return {u, grad_loss.to(acc).contiguous(), loss, lse};
+}
+
 // Last step of the two-view backward, once dzn holds sum_j M_ij zn_j over the negatives: the
 // positive pair (i, p) adds g_i (P_ip - 1) + g_p (P_pi - 1) = g_i expm1(-loss_i) + g_p
 // expm1(-loss_p), exact even when P_ip is within rounding of 1; scale by 1/tau; undo the

@@ -242,18 +242,10 @@ std::tuple<at::Tensor, at::Tensor> pair_bwd(const at::Tensor& grad_loss, const a
                                             const at::Tensor& z1, const at::Tensor& lse_neg,
                                             double inv_t, bool normalize) {
   check_pair(z0, z1);
-  const auto acc = acc_dtype(z0);
-  const int64_t n = z0.size(0);
-  TORCH_CHECK(grad_loss.numel() == 2 * n && lse_neg.numel() == 2 * n,
-              "grad_loss and lse_neg must have 2N elements");
-  UnitRows u = unit_rows({z0, z1}, normalize, acc);
-  at::Tensor g = grad_loss.to(acc).contiguous();
-  at::Tensor pos = pair_positive_logits(u.x, n, inv_t);
-  at::Tensor loss = loss_from_lse_neg(lse_neg.to(acc), pos);
-  at::Tensor lse_c = (pos + loss).contiguous();  // full log-sum-exp of each row
+  auto [u, g, loss, lse] = prepare_pair_backward(grad_loss, z0, z1, lse_neg, inv_t, normalize);
   at::Tensor dzn = at::zeros_like(u.x);
-  AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_pair_bwd", [&] {
-    pair_grad<scalar_t>(u.x, inv_t, lse_c.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dzn);
+  AT_DISPATCH_FLOATING_TYPES(u.x.scalar_type(), "info_nce_pair_bwd", [&] {
+    pair_grad<scalar_t>(u.x, inv_t, lse.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dzn);
   });
   return pair_backward_epilogue(dzn, u, g, loss, inv_t, normalize, z0, z1);
 }

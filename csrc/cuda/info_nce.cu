@@ -131,15 +131,9 @@ std::tuple<at::Tensor, at::Tensor> pair_bwd(const at::Tensor& grad_loss, const a
                                             double inv_t, bool normalize) {
   check_pair(z0, z1);
   c10::cuda::CUDAGuard guard(z0.device());
-  const auto acc = acc_dtype(z0);
-  const int64_t n = z0.size(0), rows = 2 * n;
-  TORCH_CHECK(grad_loss.numel() == rows && lse_neg.numel() == rows,
-              "grad_loss and lse_neg must have 2N elements");
-  UnitRows u = unit_rows({z0, z1}, normalize, acc);
-  at::Tensor g = grad_loss.to(acc).contiguous();
-  at::Tensor pos = pair_positive_logits(u.x, n, inv_t);
-  at::Tensor loss = loss_from_lse_neg(lse_neg.to(acc), pos);
-  at::Tensor lse_c = (pos + loss).contiguous();  // full log-sum-exp of each row
+  auto [u, g, loss, lse_c] = prepare_pair_backward(grad_loss, z0, z1, lse_neg, inv_t, normalize);
+  const auto acc = u.x.scalar_type();
+  const int64_t rows = u.x.size(0);
   at::Tensor dzn = at::empty_like(u.x);
   const int64_t bm = std::clamp<int64_t>(kBlockElems / rows, 1, rows);
   auto stream = c10::cuda::getCurrentCUDAStream();
