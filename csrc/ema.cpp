@@ -76,6 +76,12 @@ Checked check_lists(at::TensorList target, at::TensorList online, double weight,
     const at::Tensor& o = online[i];
     TORCH_CHECK_TYPE(t.defined(), "target[", i, "] is an undefined tensor");
     TORCH_CHECK_TYPE(o.defined(), "online[", i, "] is an undefined tensor");
+    if (i + kPrefetchAhead < target.size()) {
+      if (target[i + kPrefetchAhead].defined()) prefetch_impl(target[i + kPrefetchAhead]);
+      if (online[i + kPrefetchAhead].defined()) prefetch_impl(online[i + kPrefetchAhead]);
+    }
+    if (i + kPrefetchAhead / 2 < target.size() && target[i + kPrefetchAhead / 2].defined())
+      prefetch_autograd_meta(target[i + kPrefetchAhead / 2]);
     TORCH_CHECK_VALUE(t.device() == device && o.device() == device,
                       "target[", i, "] and online[", i, "] must be on ", device,
                       " like target[0], got ", t.device(), " and ", o.device());
@@ -182,7 +188,7 @@ void ema_lerp_ad_inplace(c10::DispatchKeySet ks, at::TensorList target, at::Tens
 //                  false, and the caller falls back to the per-tensor path.
 struct EmaPlan : torch::CustomClassHolder {
   std::vector<at::Tensor> lerp_t, lerp_o, copy_t, copy_o, views_t, views_o;
-  std::vector<int64_t> ptrs_t, ptrs_o;
+  std::vector<std::pair<const c10::StorageImpl*, int64_t>> homes_t, homes_o;
   std::vector<uint32_t> order;  // the targets by address at the last check (a sorting hint)
 
   EmaPlan(std::vector<at::Tensor> lt, std::vector<at::Tensor> lo, std::vector<at::Tensor> ct,
@@ -193,28 +199,39 @@ struct EmaPlan : torch::CustomClassHolder {
   void set_views(std::vector<at::Tensor> vt, std::vector<at::Tensor> vo) {
     views_t = std::move(vt);
     views_o = std::move(vo);
-    ptrs_t = pointers(views_t);
-    ptrs_o = pointers(views_o);
+    homes_t = homes(views_t);
+    homes_o = homes(views_o);
   }
 
-  static std::vector<int64_t> pointers(const std::vector<at::Tensor>& v) {
-    std::vector<int64_t> p(v.size());
-    for (size_t i = 0; i < v.size(); ++i) p[i] = reinterpret_cast<int64_t>(v[i].data_ptr());
-    return p;
+  // Where a view lives: its storage and offset (a `.data =` or `.to()` changes the storage).
+  using Home = std::pair<const c10::StorageImpl*, int64_t>;
+  static Home home(const at::Tensor& t) {
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    return {impl->storage().unsafeGetStorageImpl(), impl->storage_offset()};
+  }
+  static std::vector<Home> homes(const std::vector<at::Tensor>& v) {
+    std::vector<Home> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i) h[i] = home(v[i]);
+    return h;
   }
 
   // False when a flat view no longer sits where it was recorded; throws when a target
   // parameter requires grad.
   bool views_ok() {
     for (size_t i = 0; i < views_t.size(); ++i) {
-      if (reinterpret_cast<int64_t>(views_t[i].data_ptr()) != ptrs_t[i]) return false;
+      if (i + kPrefetchAhead < views_t.size()) prefetch_impl(views_t[i + kPrefetchAhead]);
+      if (i + kPrefetchAhead / 2 < views_t.size())
+        prefetch_autograd_meta(views_t[i + kPrefetchAhead / 2]);
+      if (home(views_t[i]) != homes_t[i]) return false;
       TORCH_CHECK_VALUE(!views_t[i].requires_grad(), "target parameter[", i,
                         "] requires grad, but the parameters of a target (EMA) network must "
                         "have requires_grad=False: call target.requires_grad_(False) once "
                         "after creating it");
     }
-    for (size_t i = 0; i < views_o.size(); ++i)
-      if (reinterpret_cast<int64_t>(views_o[i].data_ptr()) != ptrs_o[i]) return false;
+    for (size_t i = 0; i < views_o.size(); ++i) {
+      if (i + kPrefetchAhead < views_o.size()) prefetch_impl(views_o[i + kPrefetchAhead]);
+      if (home(views_o[i]) != homes_o[i]) return false;
+    }
     return true;
   }
 
