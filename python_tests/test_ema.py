@@ -145,7 +145,9 @@ def test_direct_op_and_reference_backend():
     a = [t.clone() for t in tp]
     b = [t.clone() for t in tp]
     c = [t.clone() for t in tp]
+    versions = [t._version for t in a]
     torch.ops.sslkernels.ema_lerp_(a, op, 0.25)
+    assert all(t._version > v for t, v in zip(a, versions))
     ema_update_(b, op, 0.75, backend="reference")
     ema_update_(c, op, 0.75)
     for x, y, z in zip(a, b, c):
@@ -469,6 +471,21 @@ def test_flat_requires_grad_rejected():
     with pytest.raises(ValueError, match=r"'odd'.*requires_grad=False"):
         ema_update_(target, online, 0.5)
     assert_unchanged(before, target, online)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_cached_state_does_not_keep_modules_alive(flat):
+    import gc
+    import weakref
+    target, online = make_pair()
+    if flat:
+        flatten_parameters_(target)
+        flatten_parameters_(online)
+    ema_update_(target, online, 0.9)
+    refs = weakref.ref(target), weakref.ref(online)
+    del target, online
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None
 
 
 def test_no_warnings_in_steady_state():

@@ -312,10 +312,12 @@ def _make_plan(lt, lo, ct, co, views=None):
     return plan
 
 
-def _module_names(module: nn.Module, params: Sequence, buffers: Sequence):
+def _module_names(module: nn.Module | None, n_params: int, n_buffers: int):
+    if module is None:
+        return None, None
     pn = [n for n, _ in module.named_parameters()]
     bn = [n for n, _ in module.named_buffers()]
-    return (pn if len(pn) == len(params) else None), (bn if len(bn) == len(buffers) else None)
+    return (pn if len(pn) == n_params else None), (bn if len(bn) == n_buffers else None)
 
 
 def _split_buffers(tb, ob, mode):
@@ -363,9 +365,13 @@ def _build_module_entry(target, online, st, so, mode) -> _Entry:
         raise ValueError(f"ema_update_: target has {len(tb)} buffers but online has {len(ob)} "
                          f"(buffers={mode!r}); pass buffers='skip' to leave buffers alone")
 
+    # weak: the entry lives in the target's snapshot, which must not keep the module alive
+    target_ref, online_ref = weakref.ref(target), weakref.ref(online)
+    n_tb, n_ob = len(st.buffers), len(so.buffers)
+
     def names():
-        tpn, tbn = _module_names(target, tp, st.buffers)
-        opn, obn = _module_names(online, op, so.buffers)
+        tpn, tbn = _module_names(target_ref(), len(tp), n_tb)
+        opn, obn = _module_names(online_ref(), len(op), n_ob)
         return tpn, tbn, opn, obn
 
     flat = _flat_pair(target, online, st, so)
