@@ -1,0 +1,175 @@
+"""EMA of parameters: sslkernels.ema against the ways the popular code does it.
+
+    pytest benchmarks/bench_ema.py --benchmark-only
+
+Two parameter lists (float32), each with five variants measured side by side in one run:
+
+* ``small``    - 2000 tensors of 512 elements (overhead-bound);
+* ``resnet50`` - the 161 parameter shapes of torchvision's ResNet-50 (25.6M elements,
+  bandwidth-bound).
+
+Variants: ``loop`` (official MoCo: ``t.data = t.data * m + o.data * (1 - m)`` per parameter),
+``foreach`` (``torch._foreach_lerp_``), ``ema_update_`` (sslkernels on the two lists), ``flat``
+(sslkernels on two modules flattened by ``flatten_parameters_``: one lerp pass per buffer) and
+``floor`` (one ``lerp_`` over two flat tensors of the same total size: the memory-traffic floor).
+
+At the end of the module a table per group gives each variant's median time, its speed-up over
+``loop`` and ``foreach``, its time relative to ``floor`` and the peak extra memory of one call
+(CPU: from the profiler's allocation events; CUDA: ``max_memory_allocated``). The same numbers
+go into each benchmark's ``extra_info``. Targets (DESIGN.md section 7), CPU: small list
+``ema_update_`` >= 10x faster than ``foreach``; ResNet-50 >= 1.4x the loop, no slower than
+``foreach``, <= 1.2x the floor. GPU variants run only where CUDA is available.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import pytest
+import torch
+from torch import nn
+
+from sslkernels.ema import ema_update_, flatten_parameters_, is_flat
+
+MOMENTUM = 0.996
+VARIANTS = ("loop", "foreach", "ema_update_", "flat", "floor")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@functools.cache
+def resnet50_shapes() -> tuple[tuple[int, ...], ...]:
+    try:
+        import torchvision
+        model = torchvision.models.resnet50(weights=None)
+        return tuple(tuple(p.shape) for p in model.parameters())
+    except ImportError:  # pragma: no cover - torchvision is a dev dependency
+        pytest.skip("needs torchvision for ResNet-50's parameter shapes")
+
+
+def shapes(case: str) -> tuple[tuple[int, ...], ...]:
+    return ((512,),) * 2000 if case == "small" else resnet50_shapes()
+
+
+def make_lists(case: str, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(device) for s in shapes(case)]
+
+
+def make_variant(case: str, variant: str, device: str):
+    """(function to time, objects to keep alive)."""
+    online = make_lists(case, device, 1)
+    target = make_lists(case, device, 0)
+    m = MOMENTUM
+    if variant == "loop":
+        tparams = [nn.Parameter(t, requires_grad=False) for t in target]
+
+        def fn():
+            for t, o in zip(tparams, online):
+                t.data = t.data * m + o.data * (1.0 - m)
+        return fn, (tparams, online)
+    if variant == "foreach":
+        return (lambda: torch._foreach_lerp_(target, online, 1.0 - m)), (target, online)
+    if variant == "ema_update_":
+        return (lambda: ema_update_(target, online, m)), (target, online)
+    if variant == "flat":
+        mt = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in target])
+        mo = nn.ParameterList([nn.Parameter(o) for o in online])
+        flatten_parameters_(mt)
+        flatten_parameters_(mo)
+        assert is_flat(mt) and is_flat(mo)
+        return (lambda: ema_update_(mt, mo, m)), (mt, mo)
+    n = sum(t.numel() for t in target)
+    ft, fo = torch.randn(n, device=device), torch.randn(n, device=device)
+    del target, online
+    return (lambda: ft.lerp_(fo, 1.0 - m)), (ft, fo)
+
+
+def peak_extra_bytes(fn, device: str) -> int | None:
+    """Peak memory allocated by one call beyond what existed before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted((e for e in prof.events() if e.name == "[memory]"),
+                        key=lambda e: e.time_range.start)
+        cur = peak = 0
+        for e in events:
+            cur += e.cpu_memory_usage
+            peak = max(peak, cur)
+        return peak
+    except Exception:  # pragma: no cover - profiler unavailable
+        return None
+
+
+RESULTS: dict[tuple[str, str], dict] = {}
+
+
+def _fmt_bytes(b):
+    return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ratio_table(request):
+    yield
+    if not RESULTS:
+        return
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    write = tr.write_line if tr is not None else print
+    write("")
+    write(f"EMA benchmarks - machine: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    groups = sorted({g for g, _ in RESULTS})
+    for group in groups:
+        row = {v: RESULTS.get((group, v)) for v in VARIANTS}
+        write(f"[{group}]  variant        median      vs loop   vs foreach  / floor   peak extra")
+        for v in VARIANTS:
+            r = row[v]
+            if r is None:
+                continue
+            t = r["median"]
+
+            def ratio(ref, inverse=False):
+                if row.get(ref) is None:
+                    return "   -   "
+                x = (t / row[ref]["median"]) if inverse else (row[ref]["median"] / t)
+                return f"{x:7.2f}x"
+            write(f"[{group}]  {v:<12} {t * 1e3:9.3f} ms  {ratio('loop')}   {ratio('foreach')}"
+                  f"   {ratio('floor', inverse=True)}  {_fmt_bytes(r['peak'])}")
+            r["bench"].extra_info.update({
+                "vs_loop": row["loop"]["median"] / t if row.get("loop") else None,
+                "vs_foreach": row["foreach"]["median"] / t if row.get("foreach") else None,
+                "over_floor": t / row["floor"]["median"] if row.get("floor") else None})
+    RESULTS.clear()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["small", "resnet50"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ema(benchmark, case, variant, device):
+    group = f"ema-{case}-{device}"
+    benchmark.group = group
+    fn, keep = make_variant(case, variant, device)
+    if device == "cuda":
+        inner = fn
+
+        def fn():
+            inner()
+            torch.cuda.synchronize()
+    fn()  # warm up (and build the cached plan of ema_update_)
+    peak = peak_extra_bytes(fn, device)
+    benchmark.extra_info["peak_extra_bytes"] = peak
+    benchmark(fn)
+    RESULTS[(group, variant)] = {"median": benchmark.stats.stats.median, "peak": peak,
+                                 "bench": benchmark}
+    del keep

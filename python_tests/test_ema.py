@@ -1,0 +1,496 @@
+"""In-place EMA (sslkernels.ema): bit-compatibility with torch._foreach_lerp_, agreement with the
+official loops, buffers, the flat-buffer mode, the momentum schedule, opcheck and bad input."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from sslkernels.ema import (clear_cache, cosine_momentum, ema_update_, flatten_parameters_,
+                            is_flat)
+from sslkernels.reference import ema as ref
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]
+MOMENTA = [0.0, 0.3, 0.5, 0.9, 0.996, 1.0]  # weight 1 - m on both sides of lerp's 0.5 switch
+# (target dtype, online dtype)
+COMBOS = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+          (torch.float32, torch.float16), (torch.float64, torch.float64),
+          (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
+
+
+# ---------------------------------------------------------------------------------------------
+# A ResNet-like network: convolutions (one channels-last), BatchNorm with running stats and
+# num_batches_tracked, a linear head, a 0-d and an empty parameter, odd sizes (vector tails) and
+# one tensor larger than the CPU kernel's parallel grain (a thread boundary inside a tensor).
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                   nn.ReLU(), nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 10)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.empty = nn.Parameter(torch.empty(0, 4))
+        self.odd = nn.Parameter(torch.randn(3, 37))
+        self.big = nn.Parameter(torch.randn(70001) * 0.01)
+        with torch.no_grad():
+            w = self.block[3].weight
+            self.block[3].weight.data = w.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        h = self.block(self.stem(x)).mean((2, 3))
+        return self.fc(h) * self.scale + self.odd.mean() + self.big[:10].sum()
+
+
+def make_pair(seed=0, device="cpu"):
+    """(target, online): online perturbed and run once in train mode (BN stats move)."""
+    torch.manual_seed(seed)
+    online = Net().to(device)
+    target = copy.deepcopy(online).requires_grad_(False)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    online(torch.randn(4, 3, 6, 6, device=device))
+    return target, online
+
+
+def snapshot(*objs):
+    out = []
+    for obj in objs:
+        ts = obj.state_dict().values() if isinstance(obj, nn.Module) else obj
+        out.append([t.detach().clone() for t in ts])
+    return out
+
+
+def assert_unchanged(before, *objs):
+    for b, a in zip(before, snapshot(*objs)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def bits_equal(a, b):
+    """Same dtype, shape and bit patterns (NaNs and signed zeros included)."""
+    def bits(x):
+        return x.detach().contiguous().view(-1).view(torch.uint8) if x.numel() else x
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit-compatibility with torch._foreach_lerp_ and agreement with the official loops.
+
+def typed_lists(tdt, odt, device, seed=0):
+    target, online = make_pair(seed, device)
+    tp = [p.detach().to(tdt) for p in target.parameters()]
+    op = [p.detach().to(odt) for p in online.parameters()]
+    # a few more odd shapes: 0-d, empty, a transposed (strided) pair, a tail of 15
+    gen = torch.Generator().manual_seed(seed)
+    extra = [(), (0,), (5, 0, 3), (15,), (33, 17)]
+    for shape in extra:
+        tp.append(torch.randn(shape, generator=gen).to(device, tdt))
+        op.append(torch.randn(shape, generator=gen).to(device, odt))
+    tp.append(torch.randn(9, 13, generator=gen).to(device, tdt).t())
+    op.append(torch.randn(9, 13, generator=gen).to(device, odt).t())
+    return tp, op
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tdt,odt", COMBOS, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("momentum", MOMENTA)
+def test_bitwise_foreach_lerp(device, tdt, odt, momentum):
+    tp, op = typed_lists(tdt, odt, device)
+    expect = [t.clone() for t in tp]
+    torch._foreach_lerp_(expect, [o.to(tdt) for o in op], 1.0 - momentum)
+    ema_update_(tp, op, momentum)
+    for i, (a, b) in enumerate(zip(tp, expect)):
+        assert bits_equal(a, b), f"tensor {i} {tuple(a.shape)}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tdt,odt", COMBOS, ids=lambda d: str(d).split(".")[-1])
+def test_matches_official_loops(device, tdt, odt):
+    """Against the reference loop (t.mul_(m).add_(o, alpha=1-m)) and MoCo's update: all three
+    are within a couple of roundings (in the target dtype) of the exact fp64 value."""
+    momentum = 0.99
+    tp, op = typed_lists(tdt, odt, device, seed=1)
+    exact = [t.double() * momentum + o.double() * (1 - momentum) for t, o in zip(tp, op)]
+    loop = [t.clone() for t in tp]
+    ref.ema_loop_(loop, op, momentum)
+    results = [loop]
+    if tdt == odt:
+        moco = [t.clone() for t in tp]
+        ref.ema_moco_(moco, op, momentum)
+        results.append(moco)
+    ema_update_(tp, op, momentum)
+    eps = torch.finfo(tdt).eps
+    for i, x in enumerate(exact):
+        tol = 2 * eps * (tp[i].double().abs() + op[i].double().abs() * (1 - momentum)) + 1e-300
+        ours = (tp[i].double() - x).abs()
+        assert (ours <= tol).all(), i
+        for r in results:
+            assert ((r[i].double() - x).abs() <= 2 * tol).all(), i
+        for r in results:  # and close to each other
+            torch.testing.assert_close(tp[i], r[i], rtol=4 * eps, atol=4 * eps)
+
+
+def test_direct_op_and_reference_backend():
+    tp, op = typed_lists(torch.float32, torch.float32, "cpu")
+    a = [t.clone() for t in tp]
+    b = [t.clone() for t in tp]
+    c = [t.clone() for t in tp]
+    versions = [t._version for t in a]
+    torch.ops.sslkernels.ema_lerp_(a, op, 0.25)
+    assert all(t._version > v for t, v in zip(a, versions))
+    ema_update_(b, op, 0.75, backend="reference")
+    ema_update_(c, op, 0.75)
+    for x, y, z in zip(a, b, c):
+        assert bits_equal(x, y) and bits_equal(x, z)
+
+
+def test_no_autograd_history_and_version_bump():
+    target, online = make_pair()
+    versions = [p._version for p in target.parameters()]
+    ema_update_(target, online, 0.9)
+    for p, v in zip(target.parameters(), versions):
+        assert p.grad_fn is None and not p.requires_grad and p.grad is None
+        assert p._version > v  # in-place writes are visible to autograd's saved-tensor checks
+    # the online network may require grad; nothing of the update enters its graph
+    assert all(p.requires_grad and p.grad is None for p in online.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules: buffers, caching, structure changes.
+
+def test_module_buffers_copy_ema_skip():
+    for mode in ("copy", "ema", "skip"):
+        target, online = make_pair()
+        before_t = dict(target.state_dict())
+        before_t = {k: v.clone() for k, v in before_t.items()}
+        ema_update_(target, online, 0.8, buffers=mode)
+        for name, buf in target.named_buffers():
+            o = dict(online.named_buffers())[name]
+            if mode == "copy" or (mode == "ema" and not buf.is_floating_point()):
+                assert torch.equal(buf, o), (mode, name)
+            elif mode == "ema":
+                exp = before_t[name].clone()
+                torch._foreach_lerp_([exp], [o], 1 - 0.8)
+                assert bits_equal(buf, exp), (mode, name)
+            else:
+                assert torch.equal(buf, before_t[name]), (mode, name)
+        assert any(n.endswith("num_batches_tracked") for n, _ in target.named_buffers())
+
+
+def test_module_equals_list_update():
+    target, online = make_pair()
+    tl = [p.detach().clone() for p in target.parameters()]
+    ol = [p.detach() for p in online.parameters()]
+    for m in (0.5, 0.9, 0.999):
+        ema_update_(target, online, m)
+        ema_update_(tl, ol, m)
+    for p, t in zip(target.parameters(), tl):
+        assert bits_equal(p.detach(), t)
+
+
+def test_cached_list_sees_replaced_elements():
+    clear_cache()
+    t = [torch.zeros(1), torch.zeros(3)]
+    o = [torch.ones(1), torch.ones(3)]
+    ema_update_(t, o, 0.5)
+    old = t[0]
+    t[0] = torch.tensor([0.5])  # equal value, different tensor: must be the one updated now
+    ema_update_(t, o, 0.5)
+    assert old.item() == 0.5 and t[0].item() == 0.75 and torch.equal(t[1], torch.full((3,), 0.75))
+
+
+def test_module_structure_change_rebuilds():
+    target, online = make_pair()
+    ema_update_(target, online, 0.5)
+    new_w = nn.Parameter(torch.zeros_like(target.fc.weight), requires_grad=False)
+    target.fc.weight = new_w
+    ema_update_(target, online, 0.0)
+    assert torch.equal(target.fc.weight, online.fc.weight.detach())
+    online.fc = nn.Linear(16, 10)
+    ema_update_(target, online, 0.0)
+    assert torch.equal(target.fc.weight, online.fc.weight.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat-buffer mode.
+
+def test_flatten_keeps_module_working():
+    torch.manual_seed(0)
+    a, _ = make_pair()
+    a.requires_grad_(True)
+    b = copy.deepcopy(a)
+    x = torch.randn(5, 3, 6, 6)
+    sd_before = {k: v.clone() for k, v in b.state_dict().items()}
+    ids = [id(p) for p in b.parameters()]
+    flatten_parameters_(b, buffers=True)
+    assert is_flat(b) and [id(p) for p in b.parameters()] == ids
+    sd_after = b.state_dict()
+    assert list(sd_after) == list(sd_before)
+    for k in sd_before:
+        assert bits_equal(sd_after[k], sd_before[k]) and sd_after[k].stride() == sd_before[k].stride()
+    assert b.block[3].weight.is_contiguous(memory_format=torch.channels_last)
+    a.train(), b.train()
+    assert bits_equal(a(x), b(x))
+    # keeps training exactly like the unflattened twin, optimizer state included
+    oa = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for m, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert bits_equal(p.detach(), q.detach()), n
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or bits_equal(p.grad, q.grad))
+    for (n, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+        assert bits_equal(u, v), n
+    assert is_flat(b)  # still in the flat buffer after training
+    b.load_state_dict(sd_before)
+    assert is_flat(b) and bits_equal(b.fc.weight.detach(), sd_before["fc.weight"])
+
+
+@pytest.mark.parametrize("flat_buffers", [False, True])
+@pytest.mark.parametrize("mode", ["copy", "ema", "skip"])
+def test_flat_update_equals_per_tensor(flat_buffers, mode):
+    t1, o1 = make_pair(3)
+    t2, o2 = copy.deepcopy(t1), copy.deepcopy(o1)
+    flatten_parameters_(t2, buffers=flat_buffers)
+    flatten_parameters_(o2, buffers=flat_buffers)
+    for m in (0.0, 0.6, 0.99, 1.0):
+        ema_update_(t1, o1, m, buffers=mode)
+        ema_update_(t2, o2, m, buffers=mode)
+    assert is_flat(t2)
+    for (n, u), v in zip(t1.state_dict().items(), t2.state_dict().values()):
+        assert bits_equal(u, v), n
+
+
+def test_flat_mixed_precision_online():
+    t1, o1 = make_pair(4)
+    o1 = o1.to(torch.bfloat16)
+    t2, o2 = copy.deepcopy(t1), copy.deepcopy(o1)
+    flatten_parameters_(t2)
+    flatten_parameters_(o2)
+    ema_update_(t1, o1, 0.9, buffers="skip")
+    ema_update_(t2, o2, 0.9, buffers="skip")
+    for u, v in zip(t1.parameters(), t2.parameters()):
+        assert bits_equal(u, v)
+
+
+def test_flat_broken_by_cast_falls_back():
+    t1, o1 = make_pair(5)
+    t2, o2 = copy.deepcopy(t1), copy.deepcopy(o1)
+    flatten_parameters_(t2)
+    flatten_parameters_(o2)
+    ema_update_(t1, o1, 0.5)
+    ema_update_(t2, o2, 0.5)
+    t2.double(), o2.double(), t1.double(), o1.double()
+    assert not is_flat(t2)
+    ema_update_(t1, o1, 0.5)
+    ema_update_(t1, o1, 0.5)
+    with pytest.warns(UserWarning, match="flat buffer"):
+        ema_update_(t2, o2, 0.5)
+        ema_update_(t2, o2, 0.5)
+    for (n, u), v in zip(t1.state_dict().items(), t2.state_dict().values()):
+        assert torch.equal(u, v), n
+
+
+def test_flat_data_reassigned_detected():
+    t1, o1 = make_pair(6)
+    flatten_parameters_(t1)
+    flatten_parameters_(o1)
+    ema_update_(t1, o1, 0.5)
+    t1.fc.bias.data = torch.zeros(10)  # no longer in the flat buffer
+    with pytest.warns(UserWarning, match="flat buffer"):
+        ema_update_(t1, o1, 0.0)
+    assert torch.equal(t1.fc.bias, o1.fc.bias.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# Op registration.
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    tp = [torch.randn(3, 5, generator=g), torch.randn(7, generator=g), torch.randn((), generator=g)]
+    op = [torch.randn(3, 5, generator=g), torch.randn(7, generator=g).bfloat16(),
+          torch.randn((), generator=g)]
+    torch.library.opcheck(torch.ops.sslkernels.ema_lerp_.default, (tp, op, 0.3))
+
+
+# ---------------------------------------------------------------------------------------------
+# cosine_momentum.
+
+def test_cosine_momentum():
+    base, total = 0.996, 1000
+    for k in (0, 1, 250, 500, 999, 1000):
+        expect = 1 - (1 - base) * (math.cos(math.pi * k / total) + 1) / 2
+        assert cosine_momentum(k, total, base) == pytest.approx(expect, abs=1e-15)
+    assert cosine_momentum(0, total, base) == pytest.approx(base)
+    assert cosine_momentum(total, total, base) == 1.0
+    assert cosine_momentum(5, 10, 0.9, final=0.99) == pytest.approx(0.945)
+    assert cosine_momentum(5, 10, 0.9, final=0.99) == ref.cosine_momentum(5, 10, 0.9, 0.99)
+    with pytest.raises(ValueError, match="step"):
+        cosine_momentum(11, 10, 0.9)
+    with pytest.raises(ValueError, match="step"):
+        cosine_momentum(-1, 10, 0.9)
+    with pytest.raises(ValueError, match="total_steps"):
+        cosine_momentum(0, 0, 0.9)
+    with pytest.raises(TypeError, match="step"):
+        cosine_momentum(1.5, 10, 0.9)
+    with pytest.raises(ValueError, match="base"):
+        cosine_momentum(1, 10, 1.5)
+    with pytest.raises(ValueError, match="final"):
+        cosine_momentum(1, 10, 0.9, final=-0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, and nothing written.
+
+def lists():
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g), torch.randn(6, generator=g)]
+    o = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g), torch.randn(6, generator=g)]
+    return t, o
+
+
+BAD_LISTS = {
+    "length": (lambda t, o: (t, o[:2]), ValueError, "same number"),
+    "shape": (lambda t, o: (t, o[:1] + [torch.randn(6)] + o[2:]), ValueError, r"target\[1\].*shape"),
+    "dtype": (lambda t, o: (t, o[:2] + [o[2].double()]), TypeError, r"target\[2\].*cannot be combined"),
+    "reduced target": (lambda t, o: (t[:1] + [t[1].half()] + t[2:], o), TypeError, "cannot be combined"),
+    "integer": (lambda t, o: (t[:2] + [t[2].long()], o[:2] + [o[2].long()]), TypeError, "cannot be combined"),
+    "device": (lambda t, o: (t, o[:2] + [o[2].to("meta")]), ValueError, r"online\[2\].*device|must be on"),
+    "requires grad": (lambda t, o: (t[:2] + [t[2].requires_grad_()], o), ValueError,
+                      "requires_grad=False"),
+    "duplicate target": (lambda t, o: (t[:2] + [t[0]], o[:2] + [o[0]]), ValueError, "share memory"),
+    "not a tensor": (lambda t, o: (t, o[:2] + [3.0]), TypeError, r"online\[2\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LISTS))
+def test_bad_lists_write_nothing(case):
+    make, exc, match = BAD_LISTS[case]
+    t, o = lists()
+    t, o = make(t, o)
+
+    def real(xs):  # the tensors whose values can be compared (not meta, not the non-tensor)
+        return [x for x in xs if isinstance(x, torch.Tensor) and x.device.type != "meta"]
+
+    before = snapshot(real(t), real(o))
+    with pytest.raises(exc, match=match):
+        ema_update_(t, o, 0.5)
+    assert_unchanged(before, real(t), real(o))
+
+
+@pytest.mark.parametrize("momentum,exc", [(1.5, ValueError), (-0.1, ValueError),
+                                          (float("nan"), ValueError), ("0.9", TypeError),
+                                          (None, TypeError)])
+def test_bad_momentum(momentum, exc):
+    t, o = lists()
+    before = snapshot(t)
+    with pytest.raises(exc, match="momentum"):
+        ema_update_(t, o, momentum)
+    assert_unchanged(before, t)
+
+
+def test_bad_options_and_types():
+    target, online = make_pair()
+    before = snapshot(target, online)
+    with pytest.raises(ValueError, match="buffers"):
+        ema_update_(target, online, 0.5, buffers="average")
+    with pytest.raises(ValueError, match="backend"):
+        ema_update_(target, online, 0.5, backend="triton")
+    with pytest.raises(TypeError, match="nn.Modules or both be sequences"):
+        ema_update_(target, list(online.parameters()), 0.5)
+    with pytest.raises(TypeError, match="sequences of tensors"):
+        ema_update_(torch.zeros(3), torch.zeros(3), 0.5)
+    with pytest.raises(TypeError, match="module"):
+        flatten_parameters_([torch.zeros(3)])
+    assert_unchanged(before, target, online)
+
+
+def test_bad_modules_write_nothing():
+    target, online = make_pair()
+    # a target parameter that requires grad, named in the message
+    target.fc.bias.requires_grad_(True)
+    before = snapshot(target, online)
+    with pytest.raises(ValueError, match=r"'fc\.bias'.*requires_grad=False"):
+        ema_update_(target, online, 0.5)
+    assert_unchanged(before, target, online)
+    target.fc.bias.requires_grad_(False)
+    # a shape mismatch named by parameter, after an earlier successful (cached) call
+    ema_update_(target, online, 0.5)
+    online.fc = nn.Linear(16, 11)
+    before = snapshot(target, online)
+    with pytest.raises(ValueError, match=r"'fc\.weight'.*same shape"):
+        ema_update_(target, online, 0.5)
+    assert_unchanged(before, target, online)
+    # different parameter counts
+    online.extra = nn.Parameter(torch.zeros(2))
+    before = snapshot(target, online)
+    with pytest.raises(ValueError, match="parameters"):
+        ema_update_(target, online, 0.5)
+    assert_unchanged(before, target, online)
+
+
+def test_bad_buffers_write_nothing():
+    target, online = make_pair()
+    online.stem[1].running_mean = torch.zeros(9)  # wrong shape: checked before any parameter
+    before = snapshot(target, online)
+    with pytest.raises(ValueError, match=r"buffer target\[0\] \('stem\.1\.running_mean'\).*shape"):
+        ema_update_(target, online, 0.5)
+    assert_unchanged(before, target, online)
+    with pytest.raises(ValueError, match=r"'stem\.1\.running_mean'.*shape"):
+        ema_update_(target, online, 0.5, buffers="ema")
+    assert_unchanged(before, target, online)
+    ema_update_(target, online, 0.5, buffers="skip")  # buffers left alone: fine
+    online.stem[1].running_mean = torch.zeros(8)
+    del online.block[1].num_batches_tracked
+    online.block[1].register_buffer("num_batches_tracked", None)
+    before = snapshot(target, online)
+    with pytest.raises(ValueError, match="buffers"):
+        ema_update_(target, online, 0.5)
+    assert_unchanged(before, target, online)
+
+
+def test_flat_requires_grad_rejected():
+    target, online = make_pair()
+    flatten_parameters_(target)
+    flatten_parameters_(online)
+    target.odd.requires_grad_(True)
+    before = snapshot(target, online)
+    with pytest.raises(ValueError, match=r"'odd'.*requires_grad=False"):
+        ema_update_(target, online, 0.5)
+    assert_unchanged(before, target, online)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_cached_state_does_not_keep_modules_alive(flat):
+    import gc
+    import weakref
+    target, online = make_pair()
+    if flat:
+        flatten_parameters_(target)
+        flatten_parameters_(online)
+    ema_update_(target, online, 0.9)
+    refs = weakref.ref(target), weakref.ref(online)
+    del target, online
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None
+
+
+def test_no_warnings_in_steady_state():
+    target, online = make_pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            ema_update_(target, online, 0.99)
