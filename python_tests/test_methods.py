@@ -1,0 +1,201 @@
+"""Each method equals a plain-PyTorch reference of its official algorithm: same initial weights,
+same batches, several SGD steps; losses, every parameter, EMA targets and the queue match.
+
+The references below follow the official code: facebookresearch/moco (builder.py, single
+process: momentum update of the key encoder before computing keys, queue.clone(), logits
+[l_pos, l_neg]/T, enqueue with K % B == 0), facebookresearch/simsiam (stop-gradient symmetric
+negative cosine), BYOL (EMA target updated after the optimizer step with the cosine momentum),
+SimCLR (lightly's NTXentLoss formulation)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslkernels.methods import BYOL, MoCoV2, SimCLR, SimSiam, SmallConvNet
+from sslkernels.reference.info_nce import lightly_ntxent
+
+STEPS = 4
+BATCH = 8
+
+
+def _batches(seed=0, steps=STEPS):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(BATCH, 3, 12, 12, generator=g), torch.randn(BATCH, 3, 12, 12, generator=g))
+            for _ in range(steps)]
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+def _assert_params_close(mods_a, mods_b):
+    for ma, mb in zip(mods_a, mods_b):
+        sa, sb = ma.state_dict(), mb.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=2e-5, msg=key)
+
+
+def _train(method, batches):
+    opt = _sgd([p for p in method.parameters() if p.requires_grad])
+    losses = []
+    for step, views in enumerate(batches):
+        loss = method.training_step(views)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_optimizer_step(step, len(batches))
+        losses.append(loss.item())
+    return losses
+
+
+def test_simclr_matches_reference():
+    torch.manual_seed(0)
+    method = SimCLR(SmallConvNet(16), 16, proj_dim=8, temperature=0.5)
+    ref_backbone = copy.deepcopy(method.backbone)
+    ref_proj = copy.deepcopy(method.projector)
+    batches = _batches()
+    losses = _train(method, batches)
+
+    opt = _sgd(list(ref_backbone.parameters()) + list(ref_proj.parameters()))
+    ref_losses = []
+    for x0, x1 in batches:
+        loss = lightly_ntxent(ref_proj(ref_backbone(x0)), ref_proj(ref_backbone(x1)), 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    _assert_params_close([method.backbone, method.projector], [ref_backbone, ref_proj])
+
+
+class OfficialMoCo:
+    """facebookresearch/moco builder.MoCo, single process, without shuffle-BN."""
+
+    def __init__(self, encoder_q, queue_rows, m, T):
+        self.encoder_q = encoder_q
+        self.encoder_k = copy.deepcopy(encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False
+        self.queue = queue_rows.T.clone()  # (dim, K), as the official code stores it
+        self.ptr = 0
+        self.K, self.m, self.T = queue_rows.shape[0], m, T
+
+    def forward(self, im_q, im_k):
+        q = F.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+                pk.data = pk.data * self.m + pq.data * (1.0 - self.m)
+            k = F.normalize(self.encoder_k(im_k), dim=1)
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long)
+        batch = k.shape[0]
+        assert self.K % batch == 0
+        self.queue[:, self.ptr:self.ptr + batch] = k.T
+        self.ptr = (self.ptr + batch) % self.K
+        return F.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("loss_backend", [None, "reference"])
+def test_mocov2_matches_official(loss_backend):
+    torch.manual_seed(1)
+    method = MoCoV2(SmallConvNet(16), 16, dim=8, mlp_hidden=16, queue_size=24, momentum=0.9,
+                    temperature=0.2, loss_backend=loss_backend)
+    ref = OfficialMoCo(torch.nn.Sequential(copy.deepcopy(method.backbone),
+                                           copy.deepcopy(method.projector)),
+                       method.queue.buffer.clone(), m=0.9, T=0.2)
+    batches = _batches(seed=1, steps=5)  # 5 x 8 keys wrap the 24-row queue
+    losses = _train(method, batches)
+    opt = _sgd(ref.encoder_q.parameters())
+    ref_losses = []
+    for x0, x1 in batches:
+        loss = ref.forward(x0, x1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    _assert_params_close([method.backbone, method.projector], list(ref.encoder_q))
+    _assert_params_close([method.key_backbone, method.key_projector], list(ref.encoder_k))
+    torch.testing.assert_close(method.queue.buffer, ref.queue.T, rtol=1e-5, atol=1e-6)
+    assert int(method.queue.ptr) == ref.ptr
+
+
+def test_byol_matches_reference():
+    torch.manual_seed(2)
+    method = BYOL(SmallConvNet(16), 16, proj_hidden=32, proj_dim=8, pred_hidden=32,
+                  base_momentum=0.9)
+    online = torch.nn.Sequential(copy.deepcopy(method.backbone), copy.deepcopy(method.projector))
+    predictor = copy.deepcopy(method.predictor)
+    target = copy.deepcopy(online)
+    for p in target.parameters():
+        p.requires_grad = False
+    batches = _batches(seed=2)
+    losses = _train(method, batches)
+
+    opt = _sgd(list(online.parameters()) + list(predictor.parameters()))
+    ref_losses = []
+    for step, (x0, x1) in enumerate(batches):
+        p0, p1 = predictor(online(x0)), predictor(online(x1))
+        with torch.no_grad():
+            t0, t1 = target(x0), target(x1)
+        loss = ((2 - 2 * F.cosine_similarity(p0, t1, dim=-1)) +
+                (2 - 2 * F.cosine_similarity(p1, t0, dim=-1))).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m = 1 - (1 - 0.9) * (math.cos(math.pi * step / len(batches)) + 1) / 2
+        with torch.no_grad():
+            for pt, po in zip(target.parameters(), online.parameters()):
+                pt.data = m * pt.data + (1 - m) * po.data
+        ref_losses.append(loss.item())
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    _assert_params_close([method.backbone, method.projector, method.predictor],
+                         list(online) + [predictor])
+    _assert_params_close([method.target_backbone, method.target_projector], list(target))
+
+
+def test_simsiam_matches_official():
+    torch.manual_seed(3)
+    method = SimSiam(SmallConvNet(16), 16, dim=32, pred_dim=8)
+    encoder = torch.nn.Sequential(copy.deepcopy(method.backbone), copy.deepcopy(method.projector))
+    predictor = copy.deepcopy(method.predictor)
+    batches = _batches(seed=3)
+    losses = _train(method, batches)
+
+    opt = _sgd(list(encoder.parameters()) + list(predictor.parameters()))
+    criterion = torch.nn.CosineSimilarity(dim=1)
+    ref_losses = []
+    for x1, x2 in batches:
+        z1, z2 = encoder(x1), encoder(x2)
+        p1, p2 = predictor(z1), predictor(z2)
+        loss = -(criterion(p1, z2.detach()).mean() + criterion(p2, z1.detach()).mean()) * 0.5
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    _assert_params_close([method.backbone, method.projector, method.predictor],
+                         list(encoder) + [predictor])
+
+
+def test_simsiam_parameter_groups():
+    method = SimSiam(SmallConvNet(16), 16, dim=32, pred_dim=8)
+    groups = method.parameter_groups()
+    assert [g["fix_lr"] for g in groups] == [False, True]
+    n = sum(len(g["params"]) for g in groups)
+    assert n == len(list(method.parameters()))
+
+
+def test_paper_defaults():
+    m = MoCoV2(SmallConvNet(16), 16)
+    assert (m.queue.size, m.momentum, m.temperature) == (65536, 0.999, 0.2)
+    b = BYOL(SmallConvNet(16), 16)
+    assert b.base_momentum == 0.996 and b.projector[-1].out_features == 256
+    assert b.projector[0].out_features == 4096
+    s = SimCLR(SmallConvNet(16), 16, proj_layers=3)
+    assert sum(isinstance(x, torch.nn.Linear) for x in s.projector) == 3
