@@ -1,4 +1,5 @@
-"""Command line: ``python -m sslkernels demo`` (the main job until the trainer lands)."""
+"""Command line: ``python -m sslkernels train --method simclr|mocov2|byol|simsiam`` (the main
+job) and ``python -m sslkernels demo`` (fused NT-Xent against lightly's formulation)."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +57,8 @@ def demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sslkernels")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .train import build_parser
+    build_parser(sub.add_parser("train", help="self-supervised training + linear probe"))
     p = sub.add_parser("demo", help="fused NT-Xent vs lightly's formulation: value, grad, speed")
     p.add_argument("--batch", type=int, default=2048, help="pairs per step (N per view)")
     p.add_argument("--dim", type=int, default=128)
@@ -64,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from .train import train
+        try:
+            train(args)
+        except KeyboardInterrupt:
+            return 130
+        return 0
     return demo(args)
 
 

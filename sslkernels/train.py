@@ -1,0 +1,444 @@
+"""The trainer behind ``python -m sslkernels train``: one method, one dataset, checkpoints that
+resume to the same losses, and a linear probe against the randomly initialized encoder.
+
+Every random draw after model initialization is a function of (seed, step) or (seed, epoch): the
+epoch's shuffle and each step's augmentations. A checkpoint therefore only has to hold the
+module, optimizer and scheduler states (EMA targets and the queue are module buffers) and the
+step, and a resumed run reproduces the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import methods as M
+from .data import ImageFolderUint8, SyntheticShapes, collate_uint8
+
+METHODS = ("simclr", "mocov2", "byol", "simsiam")
+
+# Augmentation recipes (crop scale, jitter (b, c, s, h) and its p, grayscale p, blur p per view,
+# solarize p per view) from the official code: SimCLR (google-research/simclr data_util.py),
+# MoCo v2 / SimSiam (facebookresearch/moco main_moco.py --aug-plus, facebookresearch/simsiam
+# main_simsiam.py), BYOL (Grill et al. 2020, table 6: asymmetric views).
+RECIPES = {
+    "simclr": dict(scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), p_jitter=0.8, p_gray=0.2,
+                   p_blur=(0.5, 0.5), p_solarize=(0.0, 0.0)),
+    "mocov2": dict(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2,
+                   p_blur=(0.5, 0.5), p_solarize=(0.0, 0.0)),
+    "byol": dict(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2,
+                 p_blur=(1.0, 0.1), p_solarize=(0.0, 0.2)),
+}
+RECIPES["simsiam"] = RECIPES["mocov2"]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m sslkernels train")
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--data", default=None,
+                   help="image folder (ImageFolder layout); default: the embedded synthetic "
+                        "shapes dataset (no download)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--backbone", default="small", choices=("small", "resnet18", "resnet50"),
+                   help="small: a 4-block convnet; resnet*: torchvision ResNet (small-image stem "
+                        "below 96 px)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd")
+    p.add_argument("--lr", type=float, default=None,
+                   help="base learning rate per 256 images (default: 0.3 SimCLR/BYOL with LARS "
+                        "or 0.06 SGD; 0.05 SimSiam; 0.06 MoCo)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=4000, help="synthetic dataset: images")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--out", default="runs/{method}", help="output directory")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop (with a checkpoint) after this many steps in total")
+    p.add_argument("--queue-size", type=int, default=4096, help="MoCo queue K")
+    p.add_argument("--no-probe", action="store_true")
+    p.add_argument("--per-image-augment", action="store_true",
+                   help="torchvision v2 image by image instead of the batched augmentation")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+def make_backbone(name: str, image_size: int) -> tuple[nn.Module, int]:
+    if name == "small":
+        net = M.SmallConvNet(128)
+        return net, net.width
+    return M.resnet_backbone(name, small_images=image_size < 96)
+
+
+def make_method(name: str, backbone: nn.Module, width: int, args) -> nn.Module:
+    if name == "simclr":
+        return M.SimCLR(backbone, width, proj_hidden=512, proj_dim=128, temperature=0.2)
+    if name == "mocov2":
+        return M.MoCoV2(backbone, width, dim=128, mlp_hidden=512, queue_size=args.queue_size,
+                        momentum=0.99, temperature=0.2)
+    if name == "byol":
+        return M.BYOL(backbone, width, proj_hidden=1024, proj_dim=256, pred_hidden=1024,
+                      base_momentum=0.99)
+    return M.SimSiam(backbone, width, dim=512, pred_dim=128)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio ``eta * ||w|| / ||g + wd w||`` (You et al.
+    2017), skipping biases and BatchNorm parameters (1-d), as SimCLR and BYOL do."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    wn, dn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where((wn > 0) & (dn > 0), group["eta"] * wn / dn,
+                                        torch.ones_like(wn))
+                    d = d.mul(trust)
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def make_optimizer(method: nn.Module, name: str, opt_name: str, lr: float, wd: float):
+    if isinstance(method, M.SimSiam):
+        groups = method.parameter_groups()
+    else:
+        groups = [{"params": [p for p in method.parameters() if p.requires_grad],
+                   "fix_lr": False}]
+    if opt_name == "lars":
+        return LARS(groups, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=wd)
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    lambdas = [(lambda s: 1.0) if g.get("fix_lr") else factor for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def _view_transform(recipe: dict, view: int, size: int):
+    from torchvision.transforms import v2
+
+    b, c, s, h = recipe["jitter"]
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    steps = [v2.RandomResizedCrop(size, scale=recipe["scale"], antialias=True),
+             v2.RandomHorizontalFlip(),
+             v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=recipe["p_jitter"]),
+             v2.RandomGrayscale(p=recipe["p_gray"]),
+             v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=recipe["p_blur"][view]),
+             v2.ToDtype(torch.float32, scale=True),
+             v2.RandomSolarize(0.5, p=recipe["p_solarize"][view]),
+             v2.Normalize(MEAN, STD)]
+    return v2.Compose(steps)
+
+
+class Views:
+    """Two augmented views of a uint8 batch, batched with per-sample parameters
+    (:mod:`sslkernels.batched_augment`), or image by image with torchvision
+    (``per_image=True``). Randomness comes from a generator seeded by (seed, step), so a resumed
+    run draws exactly what the uninterrupted one drew."""
+
+    def __init__(self, method: str, size: int, seed: int, per_image: bool = False):
+        self.recipe = RECIPES[method]
+        self.size, self.seed, self.per_image = size, seed, per_image
+        if per_image:
+            self.transforms = [_view_transform(self.recipe, v, size) for v in (0, 1)]
+
+    def __call__(self, images, step: int, device: torch.device):
+        if self.per_image:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + step)
+                views = [torch.stack([t(im) for im in images]) for t in self.transforms]
+            return tuple(v.to(device, non_blocking=True) for v in views)
+        from .batched_augment import augment_batch
+
+        if isinstance(images, list):
+            raise ValueError("images of different sizes: use --image-size with a dataset of "
+                             "equal sizes, or --per-image-augment")
+        images = images.to(device, non_blocking=True)
+        g = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
+        return tuple(augment_batch(images, self.size, self.recipe, v, g, MEAN, STD)
+                     for v in (0, 1))
+
+
+@dataclass
+class Data:
+    train: torch.utils.data.Dataset
+    held_out: torch.utils.data.Dataset
+    classes: list
+
+
+class _Tensors(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes):
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def _materialize(ds) -> _Tensors:
+    items = [ds[i] for i in range(len(ds))]
+    return _Tensors(torch.stack([im for im, _ in items]), torch.tensor([l for _, l in items]),
+                    ds.classes)
+
+
+def make_data(args) -> Data:
+    if args.data is None:
+        train = _materialize(SyntheticShapes(args.train_size, args.image_size, seed=args.seed))
+        held = _materialize(SyntheticShapes(max(500, args.train_size // 4), args.image_size,
+                                            seed=args.seed + 7919))
+        return Data(train, held, train.classes)
+    full = ImageFolderUint8(args.data)
+    g = torch.Generator().manual_seed(args.seed)
+    perm = torch.randperm(len(full), generator=g).tolist()
+    cut = max(1, len(full) // 5)
+    held = torch.utils.data.Subset(full, perm[:cut])
+    train = torch.utils.data.Subset(full, perm[cut:])
+    return Data(train, held, full.classes)
+
+
+def _batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 7_919 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i:i + batch] for i in range(0, n - batch + 1, batch)]
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: written to a temporary file in the same directory, then renamed over ``path``."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe
+
+@torch.no_grad()
+def _features(backbone: nn.Module, ds, size: int, device, batch: int = 256):
+    from torchvision.transforms import v2
+
+    prep = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    was = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for i in range(0, len(ds), batch):
+        items = [ds[j] for j in range(i, min(len(ds), i + batch))]
+        x = torch.stack([prep(im) for im, _ in items]).to(device)
+        feats.append(backbone(x).float().cpu())
+        labels.append(torch.tensor([l for _, l in items]))
+    backbone.train(was)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, classes: int, epochs: int = 100) -> float:
+    """Accuracy of a softmax classifier on standardized frozen features (full-batch L-BFGS)."""
+    mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    tx, vx = (train_x - mu) / sd, (test_x - mu) / sd
+    torch.manual_seed(0)
+    clf = nn.Linear(tx.shape[1], classes)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=0.5, max_iter=epochs, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(clf(tx), train_y) + 1e-4 * clf.weight.square().sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        return (clf(vx).argmax(1) == test_y).float().mean().item()
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20) -> float:
+    a, b = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    idx = (b @ a.T).topk(k, dim=1).indices
+    votes = train_y[idx]
+    pred = torch.mode(votes, dim=1).values
+    return (pred == test_y).float().mean().item()
+
+
+def probe(backbone, data: Data, size: int, device) -> dict:
+    tx, ty = _features(backbone, data.train, size, device)
+    vx, vy = _features(backbone, data.held_out, size, device)
+    n = len(data.classes)
+    return {"linear": linear_probe(tx, ty, vx, vy, n), "knn": knn_accuracy(tx, ty, vx, vy)}
+
+
+def plot(path: str, losses: list[float], steps_per_epoch: int, acc: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = [(i + 1) / steps_per_epoch for i in range(len(losses))]
+    a.plot(x, losses, lw=1)
+    a.set_xlabel("epoch")
+    a.set_ylabel("training loss")
+    a.set_title("loss")
+    names = ["random init\nlinear", "trained\nlinear", "random init\nkNN", "trained\nkNN"]
+    vals = [acc["random"]["linear"], acc["trained"]["linear"], acc["random"]["knn"],
+            acc["trained"]["knn"]]
+    b.bar(names, [100 * v for v in vals], color=["#999", "#2a6", "#bbb", "#4c8"])
+    for i, v in enumerate(vals):
+        b.text(i, 100 * v + 1, f"{100 * v:.1f}", ha="center")
+    b.set_ylim(0, 105)
+    b.set_ylabel("held-out accuracy (%)")
+    b.set_title("probe")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def train(args) -> dict:
+    out = args.out.format(method=args.method)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    data = make_data(args)
+    backbone, width = make_backbone(args.backbone, args.image_size)
+    method = make_method(args.method, backbone, width, args).to(device)
+    import copy
+    random_backbone = copy.deepcopy(method.backbone)  # the baseline the probe compares with
+    base_lr = args.lr if args.lr is not None else {
+        "simclr": 0.3 if args.optimizer == "lars" else 0.06, "byol": 0.3 if args.optimizer ==
+        "lars" else 0.06, "simsiam": 0.05, "mocov2": 0.06}[args.method]
+    lr = base_lr * args.batch_size / 256
+    optimizer = make_optimizer(method, args.method, args.optimizer, lr, args.weight_decay)
+    steps_per_epoch = len(data.train) // args.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
+                         f"({len(data.train)} images)")
+    total = steps_per_epoch * args.epochs
+    scheduler = cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch), total)
+    views = Views(args.method, args.image_size, args.seed, per_image=args.per_image_augment)
+    step, losses = 0, []
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        random_backbone.load_state_dict(state["random_backbone"])
+        step, losses = state["step"], state["losses"]
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {"method": method.state_dict(),
+                                    "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(),
+                                    "random_backbone": random_backbone.state_dict(),
+                                    "step": step, "losses": losses, "args": vars(args)})
+
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    stop_at = total if args.stop_after is None else min(total, args.stop_after)
+    t_start, seen = time.perf_counter(), 0
+    method.train()
+    try:
+        while step < stop_at:
+            epoch, first = divmod(step, steps_per_epoch)
+            loader = torch.utils.data.DataLoader(
+                data.train, batch_sampler=_batches(len(data.train), args.batch_size, args.seed,
+                                                   epoch)[first:],
+                collate_fn=collate_uint8, num_workers=args.workers)
+            for images, _ in loader:
+                t0 = time.perf_counter()
+                v = views(images, step, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                    loss = method.training_step(v)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                method.after_optimizer_step(step, total)
+                step += 1
+                losses.append(loss.item())
+                seen += len(images)
+                ips = len(images) / (time.perf_counter() - t0)
+                metrics.write(json.dumps({"step": step, "epoch": step / steps_per_epoch,
+                                          "loss": losses[-1],
+                                          "lr": optimizer.param_groups[0]["lr"],
+                                          "images_per_s": ips}) + "\n")
+                if not args.quiet:
+                    done = int(30 * step / total)
+                    print(f"\r[{'#' * done}{'.' * (30 - done)}] epoch {epoch + 1}/{args.epochs} "
+                          f"step {step}/{total} loss {losses[-1]:.4f} {ips:.0f} img/s",
+                          end="", file=sys.stderr, flush=True)
+                if step % args.checkpoint_every == 0 or step == stop_at:
+                    checkpoint()
+                if step >= stop_at:
+                    break
+    except KeyboardInterrupt:
+        checkpoint()
+        metrics.close()
+        print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} "
+              f"(continue with --resume)", file=sys.stderr)
+        raise
+    metrics.close()
+    if not args.quiet:
+        print(file=sys.stderr)
+    elapsed = time.perf_counter() - t_start
+    result = {"method": args.method, "steps": step, "losses": losses,
+              "seconds": elapsed, "seconds_per_epoch": elapsed / max(1e-9, seen / len(data.train))}
+    if step >= total:
+        checkpoint()
+        if not args.no_probe:
+            acc = {"random": probe(random_backbone, data, args.image_size, device),
+                   "trained": probe(method.backbone, data, args.image_size, device)}
+            result["probe"] = acc
+            plot(os.path.join(out, "curves.png"), losses, steps_per_epoch, acc)
+            print(f"{args.method}: linear probe {100 * acc['trained']['linear']:.1f}% "
+                  f"(random init {100 * acc['random']['linear']:.1f}%), kNN "
+                  f"{100 * acc['trained']['knn']:.1f}% (random init "
+                  f"{100 * acc['random']['knn']:.1f}%), {result['seconds_per_epoch']:.1f} s/epoch")
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "losses"}, f, indent=2)
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except KeyboardInterrupt:
+        return 130
+    return 0
