@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from sslkernels.ema import (clear_cache, cosine_momentum, ema_update_, flatten_parameters_,
@@ -138,6 +140,37 @@ def test_matches_official_loops(device, tdt, odt):
             assert ((r[i].double() - x).abs() <= 2 * tol).all(), i
         for r in results:  # and close to each other
             torch.testing.assert_close(tp[i], r[i], rtol=4 * eps, atol=4 * eps)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(0, 40), min_size=0, max_size=3), min_size=1,
+                       max_size=12),
+       momentum=st.floats(0.0, 1.0), combo=st.sampled_from(COMBOS), seed=st.integers(0, 2**16))
+def test_bitwise_random_shapes(shapes, momentum, combo, seed):
+    tdt, odt = combo
+    g = torch.Generator().manual_seed(seed)
+    tp = [torch.randn(s, generator=g).to(tdt) for s in shapes]
+    op = [torch.randn(s, generator=g).to(odt) for s in shapes]
+    expect = [t.clone() for t in tp]
+    torch._foreach_lerp_(expect, [o.to(tdt) for o in op], 1.0 - momentum)
+    ema_update_(tp, op, momentum)
+    assert all(bits_equal(a, b) for a, b in zip(tp, expect))
+
+
+def test_torch_compile_fullgraph():
+    def step(t, o):
+        torch.ops.sslkernels.ema_lerp_(t, o, 0.25)
+        return t[0] * 2
+
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    o = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g).bfloat16()]
+    expect = [x.clone() for x in t]
+    torch._foreach_lerp_(expect, [x.float() for x in o], 0.25)
+    # aot_eager: the fake kernel and functionalization of the mutated list, without codegen time
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(t, o)
+    assert all(bits_equal(a, b) for a, b in zip(t, expect))
+    assert torch.equal(out, expect[0] * 2)
 
 
 def test_direct_op_and_reference_backend():
