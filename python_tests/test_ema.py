@@ -254,6 +254,23 @@ def test_module_structure_change_rebuilds():
     assert torch.equal(target.fc.weight, online.fc.weight.detach())
 
 
+def test_swap_on_conversion_rebuilds():
+    target, online = make_pair()
+    ema_update_(target, online, 0.5)
+    old = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        clear_cache()  # the flag was switched on after updates: drop the kept plans
+        target.double(), online.double()  # same Parameter objects, new tensors inside
+        ema_update_(target, online, 0.0)
+        target.float(), online.float()  # no plan is kept while the flag is on
+        ema_update_(target, online, 0.0)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(old)
+    for p, q in zip(target.parameters(), online.parameters()):
+        assert p.dtype == torch.float32 and torch.equal(p, q.detach())
+
+
 # ---------------------------------------------------------------------------------------------
 # Flat-buffer mode.
 

@@ -473,9 +473,14 @@ def _list_entry(target, online, cache: bool) -> _Entry:
 
 
 def clear_cache() -> None:
-    """Drops the prepared updates cached for lists of tensors (they hold references to the
-    tensors of the last few lists passed to :func:`ema_update_`)."""
+    """Drops every prepared update :func:`ema_update_` keeps. They hold references to the
+    tensors of the last few lists and of each target/online module pair; under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)`` a module whose tensors are
+    referenced cannot be converted (``.to()``, ``.half()``), so call this first if the flag was
+    switched on after updates were made (with the flag on, no module plan is kept)."""
     _LIST_ENTRIES.clear()
+    for snap in list(_SNAPSHOTS.values()):
+        snap.entry = None
 
 
 _INDEX = re.compile(r"(target parameter|buffer target|buffer online|target|online)\[(\d+)\]")
@@ -552,7 +557,9 @@ def ema_update_(target: nn.Module | Sequence[torch.Tensor],
 
     Speed: one op call per update. The prepared call is cached per (target, online) pair of
     modules or lists, so a training loop pays no per-tensor Python cost; modules flattened with
-    :func:`flatten_parameters_` are updated with one contiguous pass per flat buffer.
+    :func:`flatten_parameters_` are updated with one contiguous pass per flat buffer. The cached
+    update holds references to the tensors (modules themselves are held weakly); see
+    :func:`clear_cache`.
     """
     _update(target, online, momentum, buffers, backend, retry=True)
 
@@ -573,6 +580,11 @@ def _update(target, online, momentum, buffers, backend, retry):
         if (entry is None or entry.online is not so or entry.mode != buffers
                 or entry.generation != _FLAT_GENERATION):
             entry = st.entry = _build_module_entry(target, online, st, so, buffers)
+        # With swap-on-conversion, .to()/.half() keep the Parameter objects but swap the
+        # tensors inside them (no identity check sees it), and refuse to when another
+        # reference to a tensor exists: keep no plan at all then.
+        if torch.__future__.get_swap_module_params_on_conversion():
+            st.entry = None
     elif t_mod or o_mod or isinstance(target, (torch.Tensor, str)) or isinstance(
             online, (torch.Tensor, str)) or not _iterable(target) or not _iterable(online):
         raise TypeError("ema_update_: target and online must both be nn.Modules or both be "

@@ -80,23 +80,6 @@ struct FloatIO<c10::BFloat16> : ReducedIO<c10::BFloat16> {};
 template <>
 struct FloatIO<c10::Half> : ReducedIO<c10::Half> {};
 
-int64_t element_size(Kind k) {
-  switch (k) {
-    case Kind::kDoubleDouble: return 8;
-    case Kind::kBFloat16BFloat16:
-    case Kind::kHalfHalf: return 2;
-    default: return 4;
-  }
-}
-
-int64_t online_element_size(Kind k) {
-  switch (k) {
-    case Kind::kFloatBFloat16:
-    case Kind::kFloatHalf: return 2;
-    default: return element_size(k);
-  }
-}
-
 struct Weights {
   LerpWeight<float> f;
   LerpWeight<FVec> fv;
@@ -127,18 +110,6 @@ void lerp_double(double* t, const double* o, int64_t n, const Weights& weights) 
   for (; k + DVec::size() <= n; k += DVec::size())
     lerp(DVec::loadu(t + k), DVec::loadu(o + k), w.dv).store(t + k);
   for (; k < n; ++k) t[k] = lerp(t[k], o[k], w.d);
-}
-
-// The head of the next pair of a list of small tensors: the hardware prefetcher only picks a
-// stream up after a few misses, which is most of a 2 KB tensor.
-inline void prefetch(const Pair& p) {
-  constexpr int64_t kLine = 64, kMaxBytes = 2048;
-  const int64_t bytes = std::min<int64_t>(p.n * element_size(p.kind), kMaxBytes);
-  const int64_t obytes = std::min<int64_t>(p.n * online_element_size(p.kind), kMaxBytes);
-  for (int64_t b = 0; b < bytes; b += kLine)
-    __builtin_prefetch(static_cast<const char*>(p.t) + b, 1);
-  for (int64_t b = 0; b < obytes; b += kLine)
-    __builtin_prefetch(static_cast<const char*>(p.o) + b, 0);
 }
 
 // Elements [lo, hi) of one pair.
@@ -185,7 +156,6 @@ void lerp_cpu(at::TensorList target, at::TensorList online, double weight,
     size_t s = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (int64_t k = begin; k < end; ++s) {
       const int64_t hi = std::min(end, start[s + 1]);
-      if (s + 1 < pairs.size() && hi < end) prefetch(pairs[s + 1]);
       run(pairs[s], k - start[s], hi - start[s], w);
       k = hi;
     }
