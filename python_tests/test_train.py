@@ -103,5 +103,7 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="batch-size"):
         T.train(T.build_parser().parse_args(["--method", "simclr", "--train-size", "8",
                                              "--batch-size", "16", "--out", str(tmp_path)]))
+    with pytest.raises(ValueError, match="min-scale"):
+        T.Views("simclr", 16, 0, min_scale=0.0)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         T.train(_args(tmp_path / "none", "simclr", "--resume"))

@@ -71,6 +71,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="stop (with a checkpoint) after this many steps in total")
     p.add_argument("--queue-size", type=int, default=4096, help="MoCo queue K")
     p.add_argument("--no-probe", action="store_true")
+    p.add_argument("--min-scale", type=float, default=None,
+                   help="smallest crop area fraction (default: the recipe's, 0.08 or 0.2)")
     p.add_argument("--per-image-augment", action="store_true",
                    help="torchvision v2 image by image instead of the batched augmentation")
     p.add_argument("--quiet", action="store_true")
@@ -168,8 +170,13 @@ class Views:
     (``per_image=True``). Randomness comes from a generator seeded by (seed, step), so a resumed
     run draws exactly what the uninterrupted one drew."""
 
-    def __init__(self, method: str, size: int, seed: int, per_image: bool = False):
-        self.recipe = RECIPES[method]
+    def __init__(self, method: str, size: int, seed: int, per_image: bool = False,
+                 min_scale: float | None = None):
+        self.recipe = dict(RECIPES[method])
+        if min_scale is not None:
+            if not 0 < min_scale <= 1:
+                raise ValueError(f"--min-scale must be in (0, 1], got {min_scale}")
+            self.recipe["scale"] = (min_scale, 1.0)
         self.size, self.seed, self.per_image = size, seed, per_image
         if per_image:
             self.transforms = [_view_transform(self.recipe, v, size) for v in (0, 1)]
@@ -350,7 +357,8 @@ def train(args) -> dict:
                          f"({len(data.train)} images)")
     total = steps_per_epoch * args.epochs
     scheduler = cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch), total)
-    views = Views(args.method, args.image_size, args.seed, per_image=args.per_image_augment)
+    views = Views(args.method, args.image_size, args.seed, per_image=args.per_image_augment,
+                  min_scale=args.min_scale)
     step, losses = 0, []
     if args.resume:
         if not os.path.exists(ckpt_path):
