@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from collections import defaultdict
@@ -66,10 +65,16 @@ def note(group: str, text: str) -> None:
 
 def peak_memory_mb(code: str, *args: str) -> float:
     """Peak resident memory a snippet adds over its own warm-up, measured in a fresh process:
-    the snippet prints nothing and defines ``setup()`` and ``run()``."""
+    the snippet prints nothing and defines ``setup()`` and ``run()``. The kernel's high-water
+    mark is reset after setup (/proc/self/clear_refs), so earlier transient peaks (imports)
+    cannot hide the run's."""
     probe = code + (
-        "\nimport resource as _r\nsetup()\n_b = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss\nrun()\n"
-        "print((_r.getrusage(_r.RUSAGE_SELF).ru_maxrss - _b) / 1024)\n")
+        "\nimport re as _re\n"
+        "def _hwm():\n"
+        "    return int(_re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "setup()\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "_b = _hwm()\nrun()\nprint((_hwm() - _b) / 1024)\n")
     out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
                          timeout=900)
     if out.returncode != 0:
