@@ -112,52 +112,79 @@ SSLK_HD void saturation(float& r, float& g, float& b, float f) {
   b = blend(b, l, f);
 }
 
-SSLK_HD float floor_f(float x) {
-  const float t = static_cast<float>(static_cast<int64_t>(x));
-  return t > x ? t - 1.f : t;
+// Lane<T>: the few operations the hue formula needs beyond + - * /, so that it is written once
+// and instantiated for float (CPU tails, CUDA) and for at::vec::Vectorized<float> (CPU bodies;
+// the specialization lives in csrc/cpu/augment.cpp). Masks select with `select(m, a, b)` =
+// m ? a : b.
+template <typename T>
+struct Lane;
+
+template <>
+struct Lane<float> {
+  using Mask = bool;
+  static SSLK_HD bool lt(float a, float b) { return a < b; }
+  static SSLK_HD bool ge(float a, float b) { return a >= b; }
+  static SSLK_HD bool eq(float a, float b) { return a == b; }
+  static SSLK_HD bool ne(float a, float b) { return a != b; }
+  static SSLK_HD bool both(bool a, bool b) { return a && b; }
+  static SSLK_HD float select(bool m, float a, float b) { return m ? a : b; }
+  static SSLK_HD float floor(float x) { return floorf(x); }
+  static SSLK_HD float max(float a, float b) { return a > b ? a : b; }
+  static SSLK_HD float min(float a, float b) { return a < b ? a : b; }
+};
+
+template <typename T>
+SSLK_HD T clamp01_t(const T& x) {
+  using L = Lane<T>;
+  return L::min(L::max(x, T(0.f)), T(1.f));
 }
 
-// Python-style remainder (sign of the divisor), as torch.remainder.
-SSLK_HD float remainder1(float x) { return x - floor_f(x); }
-
-// adjust_hue_image: torchvision's _rgb_to_hsv, h <- (h + f) mod 1, _hsv_to_rgb, step by step.
-SSLK_HD void hue(float& r, float& g, float& b, float f) {
-  const float maxc = r > g ? (r > b ? r : b) : (g > b ? g : b);
-  const float minc = r < g ? (r < b ? r : b) : (g < b ? g : b);
-  const bool eqc = maxc == minc;
-  const float cr = maxc - minc;
-  const float s = cr / (eqc ? 1.f : maxc);
-  const float div = eqc ? 1.f : cr;
-  const float rc = (maxc - r) / div, gc = (maxc - g) / div, bc = (maxc - b) / div;
-  const bool max_neq_r = maxc != r, max_eq_g = maxc == g;
-  const float hr = max_neq_r ? 0.f : (bc - gc);
-  const float hg = (max_eq_g && max_neq_r) ? (rc + 2.f - bc) : 0.f;
-  const float hb = (max_neq_r && !max_eq_g) ? (gc + 4.f - rc) : 0.f;
-  float h = (hr + hg) + hb;
-  h = h * (1.f / 6.f) + 1.f;
-  h = h - floor_f(h);  // fmod(h, 1) for h >= 0
-  h = remainder1(h + f);
-  const float v = maxc;
-  // _hsv_to_rgb
-  const float h6 = h * 6.f;
-  const float fi = floor_f(h6);
-  const float fr = h6 - fi;
-  int i = static_cast<int>(fi) % 6;
-  if (i < 0) i += 6;
-  const float sxf = s * fr;
-  const float one_minus_s = 1.f - s;
-  const float q = clamp01((1.f - sxf) * v);
-  const float t = clamp01((sxf + one_minus_s) * v);
-  const float p = clamp01(one_minus_s * v);
-  switch (i) {
-    case 0: r = v; g = t; b = p; break;
-    case 1: r = q; g = v; b = p; break;
-    case 2: r = p; g = v; b = t; break;
-    case 3: r = p; g = q; b = v; break;
-    case 4: r = t; g = p; b = v; break;
-    default: r = v; g = p; b = q; break;
-  }
+// adjust_hue_image: torchvision's _rgb_to_hsv, h <- (h + f) mod 1 (torch.remainder), then
+// _hsv_to_rgb, step by step; the sector i = floor(6h) mod 6 is picked with compares.
+template <typename T>
+SSLK_HD void hue_t(T& r, T& g, T& b, const T& f) {
+  using L = Lane<T>;
+  const T one(1.f), zero(0.f);
+  const T maxc = L::max(L::max(r, g), b);
+  const T minc = L::min(L::min(r, g), b);
+  const auto eqc = L::eq(maxc, minc);
+  const T cr = maxc - minc;
+  const T s = cr / L::select(eqc, one, maxc);
+  const T div = L::select(eqc, one, cr);
+  const T rc = (maxc - r) / div, gc = (maxc - g) / div, bc = (maxc - b) / div;
+  const auto max_neq_r = L::ne(maxc, r);
+  const auto max_eq_g = L::eq(maxc, g);
+  const auto max_neq_g = L::ne(maxc, g);
+  const T hr = L::select(max_neq_r, zero, bc - gc);
+  const T hg = L::select(L::both(max_eq_g, max_neq_r), (rc + T(2.f)) - bc, zero);
+  const T hb = L::select(L::both(max_neq_r, max_neq_g), (gc + T(4.f)) - rc, zero);
+  T h = (hr + hg) + hb;
+  h = h * T(1.f / 6.f) + one;
+  h = h - L::floor(h);  // fmod(h, 1) for h >= 0
+  h = h + f;
+  h = h - L::floor(h);  // torch.remainder(h, 1)
+  const T v = maxc;
+  const T h6 = h * T(6.f);
+  T fi = L::floor(h6);
+  const T fr = h6 - fi;
+  fi = L::select(L::ge(fi, T(6.f)), fi - T(6.f), fi);
+  const T sxf = s * fr;
+  const T one_minus_s = one - s;
+  const T q = clamp01_t((one - sxf) * v);
+  const T t = clamp01_t((sxf + one_minus_s) * v);
+  const T p = clamp01_t(one_minus_s * v);
+  // i:  0  1  2  3  4  5
+  // r:  v  q  p  p  t  v
+  // g:  t  v  v  q  p  p
+  // b:  p  p  t  v  v  q
+  const auto i1 = L::lt(fi, one), i2 = L::lt(fi, T(2.f)), i3 = L::lt(fi, T(3.f));
+  const auto i4 = L::lt(fi, T(4.f)), i5 = L::lt(fi, T(5.f));
+  r = L::select(i1, v, L::select(i2, q, L::select(i4, p, L::select(i5, t, v))));
+  g = L::select(i1, t, L::select(i3, v, L::select(i4, q, p)));
+  b = L::select(i2, p, L::select(i3, t, L::select(i5, v, q)));
 }
+
+SSLK_HD void hue(float& r, float& g, float& b, float f) { hue_t<float>(r, g, b, f); }
 
 // One jitter op by id (ColorJitter's fn_idx). A hue factor of exactly 0 is skipped, as
 // ColorJitter(hue=0) does (the HSV round trip is the identity up to rounding).

@@ -14,6 +14,7 @@
 // threads, otherwise over the rows of each pass.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -25,7 +26,39 @@
 #include "augment_math.h"
 
 namespace sslk::augment {
+
+// The vector lanes of the shared hue formula (augment_math.h).
+template <>
+struct Lane<at::vec::Vectorized<float>> {
+  using V = at::vec::Vectorized<float>;
+  using Mask = V;
+  static V lt(const V& a, const V& b) { return a < b; }
+  static V ge(const V& a, const V& b) { return a >= b; }
+  static V eq(const V& a, const V& b) { return a == b; }
+  static V ne(const V& a, const V& b) { return a != b; }
+  static V both(const V& a, const V& b) { return a & b; }
+  static V select(const V& m, const V& a, const V& b) { return V::blendv(b, a, m); }
+  static V floor(const V& x) { return x.floor(); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
+};
+
 namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+void hue_row(float* r, float* g, float* b, int64_t n, float f) {
+  int64_t x = 0;
+  const Vec vf(f);
+  for (; x + Vec::size() <= n; x += Vec::size()) {
+    Vec vr = Vec::loadu(r + x), vg = Vec::loadu(g + x), vb = Vec::loadu(b + x);
+    hue_t<Vec>(vr, vg, vb, vf);
+    vr.store(r + x);
+    vg.store(g + x);
+    vb.store(b + x);
+  }
+  for (; x < n; ++x) hue(r[x], g[x], b[x], f);
+}
 
 // Antialiased-resize weights of one axis: output index i reads source [xmin[i], xmin[i]+xsize[i])
 // with weights w[i * taps ...], normalized (then multiplied by `gain`).
@@ -139,8 +172,7 @@ inline void jitter_row(const JitterPlan& plan, int lo, int hi, const float* p, f
       }
       default: {
         const float f = p[kHue];
-        if (f != 0.f)
-          for (int64_t x = 0; x < n; ++x) hue(r[x], g[x], b[x], f);
+        if (f != 0.f) hue_row(r, g, b, n, f);
         break;
       }
     }
