@@ -15,7 +15,7 @@ Variants: ``loop`` (official MoCo: ``t.data = t.data * m + o.data * (1 - m)`` pe
 
 At the end of the module a table per group gives each variant's median time, its speed-up over
 ``loop`` and ``foreach``, its time relative to ``floor`` and the peak extra memory of one call
-(CPU: from the profiler's allocation events; CUDA: ``max_memory_allocated``). The same numbers
+(CPU: the rise of the resident high-water mark; CUDA: ``max_memory_allocated``). The same numbers
 go into each benchmark's ``extra_info``. Targets (DESIGN.md section 7), CPU: small list
 ``ema_update_`` >= 10x faster than ``foreach``; ResNet-50 >= 1.4x the loop, no slower than
 ``foreach``, <= 1.2x the floor. GPU variants run only where CUDA is available.
@@ -23,14 +23,14 @@ go into each benchmark's ``extra_info``. Targets (DESIGN.md section 7), CPU: sma
 from __future__ import annotations
 
 import functools
-import os
-import platform
 
 import pytest
 import torch
 from torch import nn
 
 from sslkernels.ema import ema_update_, flatten_parameters_, is_flat
+
+from conftest import machine, peak_extra_mib
 
 MOMENTUM = 0.996
 VARIANTS = ("loop", "foreach", "ema_update_", "flat", "floor")
@@ -86,36 +86,11 @@ def make_variant(case: str, variant: str, device: str):
     return (lambda: ft.lerp_(fo, 1.0 - m)), (ft, fo)
 
 
-def peak_extra_bytes(fn, device: str) -> int | None:
-    """Peak memory allocated by one call beyond what existed before it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    try:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        # every allocation (+bytes) and free (-bytes) of the call, in time order
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-        cur = peak = 0
-        for _, nbytes in events:
-            cur += nbytes
-            peak = max(peak, cur)
-        return peak
-    except Exception:  # pragma: no cover - profiler unavailable
-        return None
-
-
 RESULTS: dict[tuple[str, str], dict] = {}
 
 
-def _fmt_bytes(b):
-    return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
+def _fmt_mib(m):
+    return "n/a" if m is None else f"{m:.1f} MiB"
 
 
 class _Summary:
@@ -137,7 +112,7 @@ def ratio_table(request):
 
 
 def summary_lines() -> list[str]:
-    lines = [f"machine: {_machine()}"]
+    lines = [f"machine: {machine()}"]
     for group in sorted({g for g, _ in RESULTS}):
         row = {v: RESULTS.get((group, v)) for v in VARIANTS}
         lines.append("")
@@ -158,26 +133,11 @@ def summary_lines() -> list[str]:
                 return "       -" if x is None else f"{x:7.2f}x"
             lines.append(f"[{group}]  {v:<12} {t * 1e3:9.3f} ms   {fmt(info['vs_loop'])}  "
                          f"  {fmt(info['vs_foreach'])}  {fmt(info['over_floor'])}   "
-                         f"{_fmt_bytes(r['peak'])}")
+                         f"{_fmt_mib(r['peak'])}")
     lines.append("")
     lines.append("targets (CPU): small ema_update_ vs foreach >= 10x; resnet50 ema_update_ vs "
                  "loop >= 1.4x, vs foreach >= 1.0x, / floor <= 1.2x")
     return lines
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {gpu}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -194,9 +154,11 @@ def test_ema(benchmark, case, variant, device):
             inner()
             torch.cuda.synchronize()
     fn()  # warm up (and build the cached plan of ema_update_)
-    peak = peak_extra_bytes(fn, device)
-    benchmark.extra_info["peak_extra_bytes"] = peak
+    peak = peak_extra_mib(fn, device)
+    benchmark.extra_info["peak_memory_MiB"] = None if peak is None else round(peak, 1)
     benchmark(fn)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing to record
+        return
     RESULTS[(group, variant)] = {"median": benchmark.stats.stats.median, "peak": peak,
                                  "bench": benchmark}
     del keep

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import statistics
 import time
 
@@ -30,6 +29,8 @@ import torch.nn.functional as F
 from sslkernels import _ext
 from sslkernels.info_nce import fused_info_nce
 from sslkernels.queue import NegativeQueue
+
+from conftest import peak_extra_mib
 
 K, D, N, T = 65536, 128, 256, 0.2
 HAS_CUDA = torch.cuda.is_available() and _ext.cuda_built()
@@ -47,32 +48,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _rss_kib():
-    status = open("/proc/self/status").read()
-    return (int(re.search(r"VmHWM:\s+(\d+)", status).group(1)),
-            int(re.search(r"VmRSS:\s+(\d+)", status).group(1)))
-
-
-def peak_memory_mib(fn, device):
-    """Extra memory of one call of fn, in MiB (None where it cannot be measured)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        _, rss = _rss_kib()
-        fn()
-        hwm, _ = _rss_kib()
-        return (hwm - rss) / 1024
-    except OSError:
-        return None
-
-
 class Results:
     def __init__(self):
         self.median: dict[str, float] = {}
@@ -83,7 +58,7 @@ class Results:
         stats = getattr(benchmark, "stats", None)
         if stats is not None:
             self.median[name] = stats.stats.median
-        mem = peak_memory_mib(fn, device)
+        mem = peak_extra_mib(fn, device)
         self.memory[name] = mem
         benchmark.extra_info["peak_memory_MiB"] = None if mem is None else round(mem, 1)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -80,6 +81,31 @@ def peak_memory_mb(code: str, *args: str) -> float:
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def peak_extra_mib(fn, device: str) -> float | None:
+    """Extra memory one call of ``fn`` takes at its peak, in MiB, measured in this process.
+    CUDA: ``max_memory_allocated`` above what was allocated before; CPU: the rise of the
+    resident high-water mark after resetting it (/proc/self/clear_refs) to the current RSS.
+    ``None`` where the kernel offers no way to measure it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    def kib(field):
+        return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss = kib("VmRSS")
+        fn()
+        return (kib("VmHWM") - rss) / 1024
+    except OSError:
+        return None
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -9,13 +9,19 @@ Public API:
 * :mod:`sslkernels.methods` - ``SimCLR``, ``MoCoV2``, ``BYOL``, ``SimSiam``.
 * :class:`NegativeQueue` - MoCo's K x D ring buffer of negatives: one-launch enqueue with
   wrap-around and a device-side pointer, read in place by :func:`fused_info_nce`.
+* :mod:`sslkernels.augment` - batched augmentations with per-sample random parameters, exactly
+  torchvision's ops: :class:`TwoViews` (both views of a uint8 batch or list of mixed-size
+  images), :class:`ViewConfig` and the recipes ``simclr``/``moco_v2``/``simsiam``/``byol``,
+  :func:`sample_params` / ``augment(..., params=)`` to draw and replay, :func:`uint8_collate`.
 """
 from ._ext import cuda_built
 from .info_nce import fused_info_nce
 from .queue import NegativeQueue
 from .ema import cosine_momentum, ema_update_, flatten_parameters_, is_flat
-from . import losses, methods
+from . import augment, losses, methods
+from .augment import TwoViews, ViewConfig, pack_images, sample_params, uint8_collate
 
 __all__ = ["fused_info_nce", "NegativeQueue", "ema_update_", "cosine_momentum",
-           "flatten_parameters_", "is_flat", "losses", "methods", "cuda_built"]
+           "flatten_parameters_", "is_flat", "losses", "methods", "cuda_built", "augment",
+           "TwoViews", "ViewConfig", "pack_images", "sample_params", "uint8_collate"]
 __version__ = "0.1.0"
