@@ -29,6 +29,21 @@ void check_args(const at::Tensor& data, const at::Tensor& meta, const at::Tensor
               "augment: dtype must be float32, bfloat16 or float16");
 }
 
+CallArgs call_args(const at::Tensor& data, const at::Tensor& meta, const at::Tensor& params,
+                   int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
+                   double solarize_threshold, int64_t blur_kernel_size, at::ScalarType dtype) {
+  check_args(data, meta, params, size, mean, std, blur_kernel_size, dtype);
+  CallArgs k;
+  k.S = size;
+  for (int c = 0; c < 3; ++c) {
+    k.mean[c] = static_cast<float>(mean[c]);
+    k.std[c] = static_cast<float>(std[c]);
+  }
+  k.threshold = static_cast<float>(solarize_threshold);
+  k.ksize = blur_kernel_size;
+  return k;
+}
+
 at::Tensor empty_output(const at::Tensor& params, int64_t size, at::ScalarType dtype,
                         bool channels_last) {
   return at::empty({params.size(0), 3, size, size},

@@ -97,13 +97,6 @@ struct Scratch {
   std::vector<double> rowsum;
 };
 
-struct Call {
-  int64_t S;
-  float mean[3], std[3];
-  float threshold;
-  int64_t ksize;
-};
-
 template <typename out_t>
 struct OutImage {
   out_t* base;
@@ -136,7 +129,7 @@ void store_row(const OutImage<out_t>& o, int64_t y, int64_t S, const float* r, c
 }
 
 // Solarize (when on) and normalize a row of three planes in place.
-inline void finish_row(float* r, float* g, float* b, int64_t S, bool sol, const Call& k) {
+inline void finish_row(float* r, float* g, float* b, int64_t S, bool sol, const CallArgs& k) {
   float* ch[3] = {r, g, b};
   for (int c = 0; c < 3; ++c) {
     float* s = ch[c];
@@ -180,7 +173,7 @@ inline void jitter_row(const JitterPlan& plan, int lo, int hi, const float* p, f
 }
 
 template <typename out_t>
-void augment_image(const uint8_t* src, int64_t H, int64_t W, const float* p, const Call& k,
+void augment_image(const uint8_t* src, int64_t H, int64_t W, const float* p, const CallArgs& k,
                    const OutImage<out_t>& out, Scratch& sc, bool par) {
   const int64_t S = k.S;
   const int64_t top = static_cast<int64_t>(p[kTop]), left = static_cast<int64_t>(p[kLeft]);
@@ -320,7 +313,7 @@ void augment_image(const uint8_t* src, int64_t H, int64_t W, const float* p, con
 
 template <typename out_t>
 void run(const at::Tensor& data, const at::Tensor& meta, const at::Tensor& params,
-         const Call& k, at::Tensor& out) {
+         const CallArgs& k, at::Tensor& out) {
   const int64_t B = params.size(0);
   const uint8_t* d = data.data_ptr<uint8_t>();
   const int64_t* m = meta.data_ptr<int64_t>();
@@ -347,7 +340,8 @@ at::Tensor augment_cpu(const at::Tensor& data, const at::Tensor& meta, const at:
                        int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
                        double solarize_threshold, int64_t blur_kernel_size, at::ScalarType dtype,
                        bool channels_last) {
-  check_args(data, meta, params, size, mean, std, blur_kernel_size, dtype);
+  const CallArgs k = call_args(data, meta, params, size, mean, std, solarize_threshold,
+                               blur_kernel_size, dtype);
   TORCH_CHECK(blur_kernel_size <= 511, "augment: blur_kernel_size must be <= 511 on CPU");
   const int64_t B = params.size(0);
   const int64_t* m = meta.data_ptr<int64_t>();
@@ -370,21 +364,9 @@ at::Tensor augment_cpu(const at::Tensor& data, const at::Tensor& meta, const at:
                   "augment: jitter order of sample ", i, " must hold op ids 0..3");
     }
   }
-  Call k;
-  k.S = size;
-  for (int c = 0; c < 3; ++c) {
-    k.mean[c] = static_cast<float>(mean[c]);
-    k.std[c] = static_cast<float>(std[c]);
-  }
-  k.threshold = static_cast<float>(solarize_threshold);
-  k.ksize = blur_kernel_size;
   at::Tensor out = empty_output(params, size, dtype, channels_last);
   if (B == 0) return out;
-  switch (dtype) {
-    case at::kFloat: run<float>(data, meta, params, k, out); break;
-    case at::kBFloat16: run<c10::BFloat16>(data, meta, params, k, out); break;
-    default: run<c10::Half>(data, meta, params, k, out); break;
-  }
+  dispatch_out(dtype, [&](auto t) { run<decltype(t)>(data, meta, params, k, out); });
   return out;
 }
 

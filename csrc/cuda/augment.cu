@@ -26,13 +26,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct CallArgs {
-  int64_t S;
-  float mean[3], std[3];
-  float threshold;
-  int64_t ksize;
-};
-
 struct Box {
   int64_t top, left, h, w;
 };
@@ -230,24 +223,13 @@ at::Tensor augment_cuda(const at::Tensor& data, const at::Tensor& meta, const at
                         int64_t size, at::ArrayRef<double> mean, at::ArrayRef<double> std,
                         double solarize_threshold, int64_t blur_kernel_size,
                         at::ScalarType dtype, bool channels_last) {
-  check_args(data, meta, params, size, mean, std, blur_kernel_size, dtype);
+  const CallArgs k = call_args(data, meta, params, size, mean, std, solarize_threshold,
+                               blur_kernel_size, dtype);
   TORCH_CHECK(params.size(0) <= 65535, "augment: at most 65535 images per call on CUDA");
   c10::cuda::CUDAGuard guard(params.device());
-  CallArgs k;
-  k.S = size;
-  for (int c = 0; c < 3; ++c) {
-    k.mean[c] = static_cast<float>(mean[c]);
-    k.std[c] = static_cast<float>(std[c]);
-  }
-  k.threshold = static_cast<float>(solarize_threshold);
-  k.ksize = blur_kernel_size;
   at::Tensor out = empty_output(params, size, dtype, channels_last);
   if (params.size(0) == 0) return out;
-  switch (dtype) {
-    case at::kFloat: launch<float>(data, meta, params, k, out); break;
-    case at::kBFloat16: launch<c10::BFloat16>(data, meta, params, k, out); break;
-    default: launch<c10::Half>(data, meta, params, k, out); break;
-  }
+  dispatch_out(dtype, [&](auto t) { launch<decltype(t)>(data, meta, params, k, out); });
   return out;
 }
 
