@@ -51,3 +51,20 @@ def choice(name: str, value: Any, options: tuple) -> Any:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def backend(value: Any, options: tuple, device: torch.device) -> str:
+    """A ``backend=`` argument: one of ``options``, and usable for tensors on ``device``
+    (``"cpu"`` needs CPU tensors; ``"cuda"`` needs CUDA tensors and a build with CUDA kernels).
+    Backend-specific conditions (Triton's) are the caller's."""
+    choice("backend", value, options)
+    if value == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if value == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        from . import _ext
+        if not _ext.cuda_built():
+            raise RuntimeError("backend='cuda': this build of sslkernels has no CUDA kernels "
+                               "(torch without CUDA or no nvcc at build time)")
+    return value

@@ -431,14 +431,7 @@ def augment(images: torch.Tensor | Sequence[torch.Tensor] | Packed, config: View
     else:
         params = _check_params(params, packed.sizes)
     backend = default_backend(device) if backend is None else backend
-    _validate.choice("backend", backend, BACKENDS)
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU images, got images on {device}")
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA images, got images on {device}")
-        if not _ext.cuda_built():
-            raise RuntimeError("backend='cuda': this build of sslkernels has no CUDA kernels")
+    _validate.backend(backend, BACKENDS, device)
     if backend == "reference":
         imgs = _unpack(packed)
         views = _ref.augment(imgs, params.to(device), config.size, config.mean, config.std,

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from . import _ext, _validate
+from . import _ext, _validate  # noqa: F401  (_ext registers the ops)
 from .reference import info_nce as _ref
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -161,15 +161,7 @@ def default_backend(device: torch.device) -> str:
 
 
 def _check_backend(backend: str, device: torch.device) -> None:
-    _validate.choice("backend", backend, BACKENDS)
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-        if not _ext.cuda_built():
-            raise RuntimeError("backend='cuda': this build of sslkernels has no CUDA kernels "
-                               "(torch without CUDA or no nvcc at build time)")
+    _validate.backend(backend, BACKENDS, device)
     if backend == "triton":
         if device.type == "cpu" and not _triton_interpreted():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
