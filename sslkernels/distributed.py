@@ -1,0 +1,162 @@
+"""Multi-process helpers on ``torch.distributed``: gathers with and without gradient, and MoCo's
+shuffled BatchNorm.
+
+Scaling convention (DDP). Each rank's loss is the mean over its own rows. :func:`gather_with_grad`
+sums the gradient over ranks in its backward, so each rank's inputs receive the gradient of the
+*sum* of all ranks' losses, which is ``world`` times the gradient of the global-batch mean loss;
+DDP then averages parameter gradients over ranks (divides by ``world``), so the parameters get
+exactly the gradient of single-process training on the global batch (the concatenation of every
+rank's batch). The global-batch loss value is the mean of the ranks' losses.
+
+Every rank must call these functions in the same order with tensors of the same shape (they are
+collectives); shapes are not exchanged, to keep the step free of host synchronizations.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import _validate
+
+__all__ = ["rank_and_world", "gather_with_grad", "gather_no_grad", "batch_shuffle",
+           "batch_unshuffle", "TrainingStep"]
+
+
+def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) without an initialized process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _gather_into(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    # all_gather_single replaces the deprecated all_gather_into_tensor (torch >= 2.14).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
+    return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        rank, world = rank_and_world(group)
+        ctx.group, ctx.rank, ctx.rows = group, rank, x.shape[0]
+        return _gather_into(x, group, world)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss saw this rank's rows: their gradients add up. all_reduce rather than
+        # reduce_scatter because gloo has no reduce_scatter; the extra traffic is O(world*B*D).
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad.narrow(0, ctx.rank * ctx.rows, ctx.rows), None
+
+
+def _check_rows(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one dimension and one row, got shape "
+                         f"{tuple(x.shape)}")
+
+
+def gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    r"""All-gather with gradient: (B, ...) on each rank -> (world * B, ...), rank r's rows at
+    ``[r*B, (r+1)*B)`` on every rank.
+
+    Backward: the incoming (world * B, ...) gradients of all ranks are summed and each rank gets
+    its own slice, :math:`\partial x_r = \sum_s \partial\,\mathrm{out}^{(s)}[rB:(r+1)B]` - the
+    gradient of the sum of every rank's loss (see the module docstring for how this meets DDP's
+    averaging). Without an initialized process group, or with one rank, returns ``x`` itself.
+    Every rank must pass the same shape and dtype.
+    """
+    _check_rows("x", x)
+    _, world = rank_and_world(group)
+    if world == 1:
+        return x
+    return _GatherWithGrad.apply(x, group)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All-gather without gradient: (B, ...) -> (world * B, ...) in rank order; ``x`` itself
+    with a single process. Every rank must pass the same shape and dtype."""
+    _check_rows("x", x)
+    _, world = rank_and_world(group)
+    if world == 1:
+        return x
+    return _gather_into(x, group, world)
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor, group: dist.ProcessGroup | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MoCo's shuffled BatchNorm, first half (``_batch_shuffle_ddp`` of facebookresearch/moco).
+
+    Gathers the (B, ...) inputs of every rank, permutes the world * B samples with one random
+    permutation (drawn on every rank so their generators advance alike; rank 0's is broadcast)
+    and returns this rank's B samples of the shuffled batch, plus the (world * B,) int64 inverse
+    permutation for :func:`batch_unshuffle`. The key encoder's BatchNorm then sees a random
+    subset of the global batch, so its statistics cannot leak which key goes with which query.
+    With a single process returns ``(x, None)``.
+    """
+    _check_rows("x", x)
+    rank, world = rank_and_world(group)
+    if world == 1:
+        return x, None
+    everyone = _gather_into(x, group, world)
+    perm = torch.randperm(everyone.shape[0], generator=generator,
+                          device=generator.device if generator is not None else "cpu")
+    perm = perm.to(x.device)
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    dist.broadcast(perm, src=src, group=group)
+    b = x.shape[0]
+    return everyone[perm[rank * b:(rank + 1) * b]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(y: torch.Tensor, unshuffle: torch.Tensor | None,
+                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Second half of shuffled BatchNorm: gathers the (B, ...) outputs computed on the shuffled
+    batch and returns the rows of this rank's original samples, in their original order.
+    ``unshuffle`` is the inverse permutation :func:`batch_shuffle` returned (``None``: single
+    process, returns ``y``)."""
+    _check_rows("y", y)
+    if unshuffle is None:
+        return y
+    _validate.tensor("unshuffle", unshuffle, ndim=1, floating=False)
+    rank, world = rank_and_world(group)
+    if unshuffle.numel() != world * y.shape[0]:
+        raise ValueError(f"unshuffle must have world * B = {world * y.shape[0]} entries, got "
+                         f"{unshuffle.numel()}")
+    b = y.shape[0]
+    return _gather_into(y, group, world)[unshuffle[rank * b:(rank + 1) * b]]
+
+
+class TrainingStep(torch.nn.Module):
+    """``forward(views) = method.training_step(views)``: the module to wrap in
+    ``DistributedDataParallel``. DDP averages gradients only for a backward whose forward ran
+    through the DDP wrapper, and the methods' own ``forward`` returns backbone features, so the
+    loss must be computed inside this ``forward``::
+
+        ddp = DistributedDataParallel(TrainingStep(method), broadcast_buffers=False)
+        loss = ddp(views); loss.backward(); optimizer.step()
+        method.after_optimizer_step(step, total)
+
+    ``broadcast_buffers=False`` is right for the methods here: their queues are kept identical
+    by gathering, their EMA targets follow identical parameters, and broadcasting a MoCo queue
+    every step would move K*D values for nothing. Parameters without ``requires_grad`` (EMA
+    targets) are not touched by DDP after its initial broadcast.
+    """
+
+    def __init__(self, method: torch.nn.Module):
+        super().__init__()
+        if not hasattr(method, "training_step"):
+            raise TypeError(f"method must have a training_step(views) method, got "
+                            f"{type(method).__name__}")
+        self.method = method
+
+    def forward(self, views):
+        return self.method.training_step(views)
