@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from sslkernels import fused_info_nce
-from sslkernels.distributed import TrainingStep, batch_shuffle, batch_unshuffle
+from sslkernels.distributed import (TrainingStep, batch_shuffle, batch_unshuffle, gather_no_grad,
+                                    gather_with_grad, wrap_ddp)
 from sslkernels.losses import NTXentLoss
 from sslkernels.methods import BYOL, MoCoV2, SimCLR, SimSiam
 
@@ -121,14 +122,12 @@ def _shuffle_checks(rank):
 
 
 def _method_checks(rank):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     local = [(a[rows], b[rows]) for a, b in _global_batches()]
     out = {}
     for name in METHODS:
         method = _method(name)
-        ddp = DDP(TrainingStep(method), broadcast_buffers=False)
+        ddp = wrap_ddp(method)
         losses = _train(ddp, method, local)
         out[name] = {"losses": losses, "state": copy.deepcopy(method.state_dict())}
     return out
@@ -166,8 +165,9 @@ def ranks():
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
-                for r in range(WORLD)]
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
+                   for r in range(WORLD)]
+        return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,3 +241,15 @@ def test_queue_wrapped_and_holds_keys_of_both_ranks(ranks):
     state = ranks[0]["methods"]["mocov2"]["state"]
     assert int(state["queue.fill"]) == 12
     assert int(state["queue.ptr"]) == (STEPS * WORLD * BATCH) % 12
+
+
+def test_single_process_fallbacks_and_bad_input():
+    x = torch.randn(3, 2)
+    assert gather_with_grad(x) is x and gather_no_grad(x) is x
+    assert batch_shuffle(x) == (x, None) and batch_unshuffle(x, None) is x
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        gather_with_grad([1.0])
+    with pytest.raises(ValueError, match="x must have at least one dimension and one row"):
+        gather_no_grad(torch.randn(0, 2))
+    with pytest.raises(TypeError, match="training_step"):
+        TrainingStep(nn.Linear(2, 2))

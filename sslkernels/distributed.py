@@ -19,7 +19,7 @@ import torch.distributed as dist
 from . import _validate
 
 __all__ = ["rank_and_world", "gather_with_grad", "gather_no_grad", "batch_shuffle",
-           "batch_unshuffle", "TrainingStep"]
+           "batch_unshuffle", "TrainingStep", "wrap_ddp"]
 
 
 def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
@@ -137,18 +137,13 @@ def batch_unshuffle(y: torch.Tensor, unshuffle: torch.Tensor | None,
 
 class TrainingStep(torch.nn.Module):
     """``forward(views) = method.training_step(views)``: the module to wrap in
-    ``DistributedDataParallel``. DDP averages gradients only for a backward whose forward ran
-    through the DDP wrapper, and the methods' own ``forward`` returns backbone features, so the
-    loss must be computed inside this ``forward``::
+    ``DistributedDataParallel`` (:func:`wrap_ddp` does it). DDP averages gradients only for a
+    backward whose forward ran through the DDP wrapper, and the methods' own ``forward`` returns
+    backbone features, so the loss must be computed inside this ``forward``::
 
-        ddp = DistributedDataParallel(TrainingStep(method), broadcast_buffers=False)
+        ddp = wrap_ddp(method)
         loss = ddp(views); loss.backward(); optimizer.step()
         method.after_optimizer_step(step, total)
-
-    ``broadcast_buffers=False`` is right for the methods here: their queues are kept identical
-    by gathering, their EMA targets follow identical parameters, and broadcasting a MoCo queue
-    every step would move K*D values for nothing. Parameters without ``requires_grad`` (EMA
-    targets) are not touched by DDP after its initial broadcast.
     """
 
     def __init__(self, method: torch.nn.Module):
@@ -160,3 +155,24 @@ class TrainingStep(torch.nn.Module):
 
     def forward(self, views):
         return self.method.training_step(views)
+
+
+def wrap_ddp(method: torch.nn.Module, device_ids: list[int] | None = None):
+    """``DistributedDataParallel(TrainingStep(method))`` with buffers synchronized once, at
+    construction (with the parameters, from rank 0), and not before every forward: the methods'
+    queues stay identical by gathering, their EMA targets follow identical parameters, and
+    broadcasting a MoCo queue every step would move K*D values for nothing. BatchNorm running
+    statistics stay per rank (rank 0's are the ones checkpointed). Parameters without
+    ``requires_grad`` (EMA targets) are left alone by DDP after the initial broadcast.
+
+    Args:
+        method: a method with ``training_step(views)`` (SimCLR, MoCoV2, BYOL, SimSiam).
+        device_ids: ``[cuda index]`` for a CUDA module, ``None`` on CPU.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    step = TrainingStep(method)
+    try:  # torch >= 2.14 renamed the per-forward buffer sync
+        return DistributedDataParallel(step, device_ids=device_ids, forward_sync_buffers=False)
+    except TypeError:
+        return DistributedDataParallel(step, device_ids=device_ids, broadcast_buffers=False)
