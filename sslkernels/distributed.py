@@ -1,5 +1,6 @@
-"""Multi-process helpers on ``torch.distributed``: gathers with and without gradient, and MoCo's
-shuffled BatchNorm.
+"""Multi-process helpers on ``torch.distributed``: gathers with and without gradient, MoCo's
+shuffled BatchNorm, DDP around a method's training step (:func:`wrap_ddp`) and the trainer's
+per-rank bookkeeping (:class:`Ranks`).
 
 Scaling convention (DDP). Each rank's loss is the mean over its own rows. :func:`gather_with_grad`
 sums the gradient over ranks in its backward, so each rank's inputs receive the gradient of the
@@ -13,13 +14,15 @@ collectives); shapes are not exchanged, to keep the step free of host synchroniz
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 from . import _validate
 
 __all__ = ["rank_and_world", "gather_with_grad", "gather_no_grad", "batch_shuffle",
-           "batch_unshuffle", "TrainingStep", "wrap_ddp"]
+           "batch_unshuffle", "TrainingStep", "wrap_ddp", "Ranks"]
 
 
 def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
@@ -176,3 +179,86 @@ def wrap_ddp(method: torch.nn.Module, device_ids: list[int] | None = None):
         return DistributedDataParallel(step, device_ids=device_ids, forward_sync_buffers=False)
     except TypeError:
         return DistributedDataParallel(step, device_ids=device_ids, broadcast_buffers=False)
+
+
+class Ranks:
+    """A training loop's place in a ``torchrun`` job (rank 0 of 1 without one): what the trainer
+    (``python -m sslkernels train``) needs to run on several processes.
+
+    The global batch is cut into ``world`` equal slices in rank order (the per-rank split a
+    ``DistributedSampler`` makes, but of the same seeded batches one process uses, so resuming
+    works the same way); each rank keys its augmentation draws by (seed, step, rank) so no two
+    ranks share them; the method runs under :func:`wrap_ddp`; the logged loss is the mean over
+    ranks (the global-batch loss); only rank 0 (``main``) writes.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0,
+                 owns_group: bool = False):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.owns_group = owns_group
+        self.main = rank == 0
+
+    @classmethod
+    def from_env(cls, device: str, global_batch: int) -> "Ranks":
+        """Joins the ``torchrun`` process group when ``WORLD_SIZE`` > 1 in the environment (NCCL
+        for a CUDA ``device``, gloo otherwise; an already initialized group is used as it is)
+        and checks that ``global_batch`` splits evenly over the ranks."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        ranks = cls(dist.get_rank(), dist.get_world_size(),
+                    int(os.environ.get("LOCAL_RANK", "0")), owns)
+        if global_batch % ranks.world:
+            ranks.close()
+            raise ValueError(f"the batch size ({global_batch}) must be a multiple of the number "
+                             f"of processes ({ranks.world}): it is the global batch")
+        return ranks
+
+    def device(self, name: str) -> torch.device:
+        """``name`` as a device; CUDA ranks get ``cuda:LOCAL_RANK``."""
+        device = torch.device(name)
+        if self.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        return device
+
+    def wrap(self, method: torch.nn.Module):
+        """What computes a step's loss from views: ``method.training_step``, or its DDP wrapper."""
+        if self.world == 1:
+            return method.training_step
+        device = next(method.parameters()).device
+        return wrap_ddp(method, [device.index] if device.type == "cuda" else None)
+
+    def slice(self, batch: list) -> list:
+        """This rank's share of a global batch (a list of sample indices)."""
+        per = len(batch) // self.world
+        return batch[self.rank * per:(self.rank + 1) * per]
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Seeds the global generator from (seed, step) on several ranks: shuffle-BN draws its
+        permutation from it inside a step, and a resumed run must draw what the uninterrupted
+        one drew. One process draws nothing from it and is left alone."""
+        if self.world > 1:
+            torch.manual_seed((seed * 1_000_003 + step) ^ 0x5EED)
+
+    def augment_key(self, step: int) -> int:
+        """The augmentation seed key of ``step`` on this rank (``step`` itself on one process,
+        so single-process runs are unchanged)."""
+        return step * self.world + self.rank
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (all-reduce) of a scalar tensor; ``x`` itself on one process."""
+        if self.world == 1:
+            return x
+        x = x.float().clone()
+        dist.all_reduce(x)
+        return x / self.world
+
+    def close(self) -> None:
+        """Leaves the process group if :meth:`from_env` created it."""
+        if self.owns_group:
+            dist.barrier()
+            dist.destroy_process_group()
+            self.owns_group = False
