@@ -20,6 +20,7 @@ shuffle-BN path, which with a BN-free key encoder must give exactly the unshuffl
 import copy
 import datetime
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -133,6 +134,25 @@ def _method_checks(rank):
     return out
 
 
+TRAIN = ["--method", "mocov2", "--train-size", "32", "--batch-size", "8", "--image-size", "16",
+         "--epochs", "1", "--queue-size", "12", "--no-probe", "--quiet", "--seed", "5"]
+
+
+def _trainer_checks(rank, out_dir):
+    """What torchrun does, inside the already joined group: MoCo v2 with a BatchNorm backbone
+    (shuffle-BN live), an uninterrupted run and one stopped after 2 steps and resumed."""
+    from sslkernels import train as T
+
+    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
+    run = lambda sub, *extra: T.train(T.build_parser().parse_args(  # noqa: E731
+        TRAIN + ["--out", os.path.join(out_dir, sub), *extra]))
+    full = run("full")
+    first = run("resumed", "--stop-after", "2")
+    torch.distributed.barrier()  # rank 0's checkpoint is on disk before anyone resumes
+    resumed = run("resumed", "--resume")
+    return {"full": full["losses"], "first": first["losses"], "resumed": resumed["losses"]}
+
+
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)  # two ranks share two busy cores
     torch.distributed.init_process_group(
@@ -140,7 +160,7 @@ def _worker(rank, world, init_file, out_dir):
         timeout=datetime.timedelta(seconds=60))
     try:
         result = {"loss": _loss_checks(rank), "shuffle": _shuffle_checks(rank),
-                  "methods": _method_checks(rank)}
+                  "methods": _method_checks(rank), "trainer": _trainer_checks(rank, out_dir)}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -167,7 +187,15 @@ def ranks():
                     p.kill()
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
                    for r in range(WORLD)]
+        for r in results:
+            r["metrics"] = _read_lines(os.path.join(tmp, "full", "metrics.jsonl"))
+            r["files"] = sorted(os.listdir(os.path.join(tmp, "full")))
         return results
+
+
+def _read_lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +269,29 @@ def test_queue_wrapped_and_holds_keys_of_both_ranks(ranks):
     state = ranks[0]["methods"]["mocov2"]["state"]
     assert int(state["queue.fill"]) == 12
     assert int(state["queue.ptr"]) == (STEPS * WORLD * BATCH) % 12
+
+
+def test_trainer_under_ddp_resumes_to_the_same_losses_and_only_rank0_writes(ranks):
+    runs = [r["trainer"] for r in ranks]
+    assert len(runs[0]["full"]) == 4 and all(v == v for v in runs[0]["full"])
+    assert runs[0] == runs[1]  # the logged loss is the mean over ranks
+    assert runs[0]["first"] == runs[0]["full"][:2]
+    assert runs[0]["resumed"] == runs[0]["full"]  # bit for bit
+    assert len(ranks[0]["metrics"]) == 4  # one line per step, not one per rank
+    assert ranks[0]["files"] == ["checkpoint.pt", "metrics.jsonl", "results.json"]
+
+
+@pytest.mark.slow
+def test_torchrun_command_line(tmp_path):
+    """The README's command, as typed (2 ranks, a few steps)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sslkernels", "train", "--method", "simclr",
+           "--train-size", "16", "--batch-size", "8", "--image-size", "16", "--epochs", "1",
+           "--no-probe", "--quiet", "--out", str(tmp_path / "run")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_single_process_fallbacks_and_bad_input():
