@@ -7,10 +7,10 @@
 // except itself; its positive is its other view at its global column. The kernels reduce over the
 // negatives only (self and positive masked) and return lse_neg, as the other InfoNCE ops do.
 //
-// The keys are swept in tiles of kSliceTile columns with ATen ops (a GEMM for the tile, the
+// The keys are swept in tiles of at most 1024 columns with ATen ops (a GEMM for the tile, the
 // masking of at most four diagonal runs, a row log-sum-exp merged into the running one), so the
-// only temporaries are the unit keys and one (2N x tile) block: memory O(M*D + N*tile), never
-// O(N*M). The same body runs on every device (CPU: BLAS GEMM and vectorized ATen elementwise
+// only temporaries are the unit keys, their gradient and one (2N x tile) block (16 MB in fp32
+// up to 2N = 32768 rows): memory O(M*D), never O(N*M). The same body runs on every device (CPU: BLAS GEMM and vectorized ATen elementwise
 // ops, multi-threaded by ATen; CUDA: cuBLAS), registered as CompositeExplicitAutograd.
 #include <torch/library.h>
 
@@ -22,7 +22,14 @@
 namespace sslk::info_nce {
 namespace {
 
-constexpr int64_t kSliceTile = 1024;
+// Key columns per tile: up to 1024, fewer when the rank has many rows, so that one tile stays
+// within kTileElems values (16 MB in fp32) down to a floor of 128 columns that keeps the GEMMs
+// efficient.
+constexpr int64_t kSliceTile = 1024, kMinSliceTile = 128, kTileElems = int64_t(1) << 22;
+
+int64_t tile_columns(int64_t rows) {
+  return std::clamp(kTileElems / std::max<int64_t>(rows, 1), kMinSliceTile, kSliceTile);
+}
 
 struct Slice {
   int64_t off0, off1, n;
@@ -60,19 +67,31 @@ void fill_excluded_(at::Tensor& tile, const Slice& s, int64_t c0, double value) 
   });
 }
 
-// The query rows [view 0; view 1] and, row for row, their positives [view 1; view 0].
-std::pair<at::Tensor, at::Tensor> queries_and_positives(const at::Tensor& kn, const Slice& s) {
+// The query rows [view 0; view 1], a view of the keys when the views are adjacent (the layout
+// fused_info_nce gathers), and the two views themselves.
+struct Queries {
+  at::Tensor q, v0, v1;
+};
+
+Queries queries(const at::Tensor& kn, const Slice& s) {
   at::Tensor v0 = kn.narrow(0, s.off0, s.n), v1 = kn.narrow(0, s.off1, s.n);
-  return {at::cat({v0, v1}), at::cat({v1, v0})};
+  at::Tensor q = s.off1 == s.off0 + s.n ? kn.narrow(0, s.off0, 2 * s.n) : at::cat({v0, v1});
+  return {q, v0, v1};
+}
+
+// Each row's logit with its positive, [view 0; view 1] order.
+at::Tensor positive_logits(const Queries& qs, double inv_t) {
+  at::Tensor p = row_dot(qs.v0, qs.v1) * inv_t;
+  return at::cat({p, p});
 }
 
 // Calls fn(c0, S tile) for each tile of the (2N x M) logits, S = q kn^T / tau.
 template <typename Fn>
 void for_each_tile(const at::Tensor& q, const at::Tensor& kn, double inv_t, const Fn& fn) {
-  const int64_t m = kn.size(0), rows = q.size(0);
-  at::Tensor buf = at::empty({rows * std::min(kSliceTile, m)}, q.options());
-  for (int64_t c0 = 0; c0 < m; c0 += kSliceTile) {
-    const int64_t len = std::min(kSliceTile, m - c0);
+  const int64_t m = kn.size(0), rows = q.size(0), cols = tile_columns(rows);
+  at::Tensor buf = at::empty({rows * std::min(cols, m)}, q.options());
+  for (int64_t c0 = 0; c0 < m; c0 += cols) {
+    const int64_t len = std::min(cols, m - c0);
     at::Tensor s = buf.narrow(0, 0, rows * len).view({rows, len});
     scaled_mm_out(s, q, kn.narrow(0, c0, len), inv_t);
     fn(c0, s);
@@ -85,14 +104,15 @@ std::tuple<at::Tensor, at::Tensor> slice_fwd(const at::Tensor& keys, int64_t off
   const Slice sl{offset0, offset1, n};
   check_slice(keys, sl);
   UnitRows u = unit_rows({keys}, normalize, acc_dtype(keys));
-  auto [q, p] = queries_and_positives(u.x, sl);
+  const Queries qs = queries(u.x, sl);
+  const at::Tensor& q = qs.q;
   at::Tensor lse_neg = at::full({2 * n}, -std::numeric_limits<double>::infinity(), q.options());
   for_each_tile(q, u.x, inv_t, [&](int64_t c0, at::Tensor& s) {
     fill_excluded_(s, sl, c0, -std::numeric_limits<double>::infinity());
     // logsumexp and logaddexp both keep an all -inf row at -inf (no negatives yet).
     lse_neg = at::logaddexp(lse_neg, at::logsumexp(s, {1}));
   });
-  return {loss_from_lse_neg(lse_neg, row_dot(q, p) * inv_t), lse_neg};
+  return {loss_from_lse_neg(lse_neg, positive_logits(qs, inv_t)), lse_neg};
 }
 
 // dL/dS_ij = g_i P_ij for the negatives (P_ij = exp(S_ij - lse_i), lse over all of row i's
@@ -108,9 +128,11 @@ at::Tensor slice_bwd(const at::Tensor& grad_loss, const at::Tensor& keys, const 
               grad_loss.numel(), " and ", lse_neg.numel());
   const auto acc = acc_dtype(keys);
   UnitRows u = unit_rows({keys}, normalize, acc);
-  auto [q, p] = queries_and_positives(u.x, sl);
-  at::Tensor loss = loss_from_lse_neg(lse_neg.to(acc), row_dot(q, p) * inv_t);
-  at::Tensor lse = (row_dot(q, p) * inv_t + loss).unsqueeze(1);
+  const Queries qs = queries(u.x, sl);
+  const at::Tensor& q = qs.q;
+  at::Tensor pos = positive_logits(qs, inv_t);
+  at::Tensor loss = loss_from_lse_neg(lse_neg.to(acc), pos);
+  at::Tensor lse = (pos + loss).unsqueeze(1);
   at::Tensor g = grad_loss.to(acc).reshape({2 * n, 1});
   at::Tensor dkn = at::zeros_like(u.x);
   at::Tensor dq = at::zeros_like(q);
@@ -122,9 +144,10 @@ at::Tensor slice_bwd(const at::Tensor& grad_loss, const at::Tensor& keys, const 
     dkn.narrow(0, c0, s.size(1)).addmm_(s.t(), q);
   });
   at::Tensor ge = g * at::expm1(-loss).unsqueeze(1);
-  dq.addcmul_(p, ge);
-  dkn.narrow(0, offset1, n).addcmul_(q.narrow(0, 0, n), ge.narrow(0, 0, n));
-  dkn.narrow(0, offset0, n).addcmul_(q.narrow(0, n, n), ge.narrow(0, n, n));
+  dq.narrow(0, 0, n).addcmul_(qs.v1, ge.narrow(0, 0, n));
+  dq.narrow(0, n, n).addcmul_(qs.v0, ge.narrow(0, n, n));
+  dkn.narrow(0, offset1, n).addcmul_(qs.v0, ge.narrow(0, 0, n));
+  dkn.narrow(0, offset0, n).addcmul_(qs.v1, ge.narrow(0, n, n));
   dkn.narrow(0, offset0, n).add_(dq.narrow(0, 0, n));
   dkn.narrow(0, offset1, n).add_(dq.narrow(0, n, n));
   dkn.mul_(inv_t);

@@ -340,6 +340,34 @@ def test_slice_bad_offsets(offsets, match):
         torch.ops.sslkernels.info_nce_slice_fwd(torch.randn(10, 3), *offsets, 2.0, True)
 
 
+_SLICE_MEMORY_PROBE = textwrap.dedent("""
+    import re, sys, torch, sslkernels
+    n, d, world = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    keys = torch.randn(2 * world * n, d, requires_grad=True)
+    fwd = torch.ops.sslkernels.info_nce_slice_fwd
+    fwd(keys[:64], 0, 32, 32, 10.0, True)[0].mean().backward()
+    keys.grad = None
+    open("/proc/self/clear_refs", "w").write("5")
+    hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+    base = hwm()
+    fwd(keys, 0, n, n, 10.0, True)[0].mean().backward()
+    assert torch.isfinite(keys.grad).all()
+    print((hwm() - base) / 1024)
+""")
+
+
+@pytest.mark.slow
+def test_slice_memory_is_linear():
+    """One rank of two with 8192 pairs: its (16384 x 32768) logits would take 2 GiB. The op may
+    hold a few copies of the 16 MB keys (unit rows, their gradient, the queries) and one 16 MB
+    tile: 128 MB in all."""
+    out = subprocess.run([sys.executable, "-c", _SLICE_MEMORY_PROBE, "8192", "128", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    extra_mb = float(out.stdout.strip().splitlines()[-1])
+    assert extra_mb <= 128, f"extra peak memory {extra_mb:.1f} MB"
+
+
 def test_gather_distributed_single_process_is_the_plain_loss():
     z0, z1 = _inputs(9, 5, torch.float64, "cpu", seed=31)
     torch.testing.assert_close(fused_info_nce(z0, z1, gather_distributed=True),
