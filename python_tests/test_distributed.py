@@ -112,7 +112,16 @@ def _loss_checks(rank):
             out[(dtype, backend)] = (loss.detach(), g0, g1, per_row.detach())
         loss = NTXentLoss(temperature=TEMPERATURE, gather_distributed=True)(z0, z1)
         out[(dtype, "NTXentLoss")] = (loss.detach(), *torch.autograd.grad(loss, (z0, z1)))
+    out["bank"] = _bank_run(*(v[rows] for v in _global_views(torch.float64)), True)
     return out
+
+
+def _bank_run(z0, z1, gather):
+    """Two calls of NTXentLoss with a memory bank (the MoCo form): losses and the bank."""
+    torch.manual_seed(2)
+    crit = NTXentLoss(temperature=TEMPERATURE, memory_bank_size=(10, D), gather_distributed=gather)
+    losses = torch.stack([crit(z0, z1), crit(z1, z0)])
+    return losses, crit.bank.state_dict()
 
 
 def _shuffle_checks(rank):
@@ -226,6 +235,15 @@ def test_gathered_loss_and_gradients_equal_the_global_batch(ranks, dtype, backen
             # This rank's rows of the global loss, [view 0; view 1].
             want = torch.cat([truth_rows[mine], truth_rows[WORLD * N:][mine]])
             torch.testing.assert_close(per_row[0].double(), want, **tol)
+
+
+def test_memory_bank_is_fed_every_rank_and_matches_one_process(ranks):
+    losses, bank = _bank_run(*_global_views(torch.float64), False)
+    rank_losses = torch.stack([r["loss"]["bank"][0] for r in ranks])
+    torch.testing.assert_close(rank_losses.mean(0), losses)
+    for r in ranks:
+        for key, value in bank.items():
+            torch.testing.assert_close(r["loss"]["bank"][1][key], value, rtol=1e-6, atol=1e-7)
 
 
 def test_batch_shuffle_is_one_shared_permutation_and_unshuffle_inverts_it(ranks):
