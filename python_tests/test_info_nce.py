@@ -288,6 +288,92 @@ def test_memory_is_linear(mode, n):
     assert extra_mb <= 64, f"extra peak memory {extra_mb:.1f} MB"
 
 
+# ---------------------------------------------------------------------------------------------
+# The slice op: one rank's 2n rows against the gathered keys (the distributed SimCLR loss; the
+# 2-process run itself is in test_distributed.py). Offsets place the rank's views anywhere in
+# the keys, including across the op's 1024-column tiles and in reverse view order.
+
+SLICES = [(2, 1, 0, 1), (6, 3, 0, 3), (9, 3, 6, 1), (40, 7, 20, 3), (2100, 5, 1020, 1500)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,off0,off1", SLICES)
+@pytest.mark.parametrize("temperature", [0.01, 0.5])
+def test_slice_matches_reference(device, dtype, m, n, off0, off1, temperature):
+    (keys,) = _inputs(m, 33, dtype, device, seed=m + off0, count=1)
+    k = keys.detach().requires_grad_()
+    rows, lse_neg = torch.ops.sslkernels.info_nce_slice_fwd(k, off0, off1, n, 1 / temperature,
+                                                            True)
+    assert rows.shape == (2 * n,) and torch.isfinite(rows).all()
+    up = torch.rand(2 * n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (dk,) = torch.autograd.grad(rows, k, up.to(device, rows.dtype))
+    assert dk.dtype == dtype and torch.isfinite(dk).all()
+    fn = lambda x: ref.info_nce_slice_rows(x, off0, off1, n, temperature)  # noqa: E731
+    (t_rows, t_grads), (r_rows, r_grads) = _truth_and_ref32(fn, [keys], up.to(device))
+    _check(rows, t_rows, r_rows, dtype, "loss")
+    _check(dk, t_grads[0], r_grads[0], dtype, "grad keys")
+
+
+def test_slice_of_the_whole_batch_is_the_pair_loss(device):
+    z0, z1 = _inputs(37, 9, torch.float64, device, seed=23)
+    rows, _ = torch.ops.sslkernels.info_nce_slice_fwd(torch.cat([z0, z1]), 0, 37, 37, 4.0, True)
+    torch.testing.assert_close(rows, fused_info_nce(z0, z1, temperature=0.25, reduction="none"))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_slice_gradcheck_and_opcheck(normalize):
+    (keys,) = _inputs(11, 4, torch.float64, "cpu", seed=29, count=1, scale=0.5)
+    ops = torch.ops.sslkernels
+    f = lambda k: ops.info_nce_slice_fwd(k, 7, 2, 3, 3.0, normalize)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (keys.clone().requires_grad_(),))
+    torch.library.opcheck(ops.info_nce_slice_fwd.default,
+                          (keys.clone().requires_grad_(), 7, 2, 3, 3.0, normalize))
+    loss, lse = ops.info_nce_slice_fwd(keys, 7, 2, 3, 3.0, normalize)
+    torch.library.opcheck(ops.info_nce_slice_bwd.default,
+                          (torch.rand_like(loss), keys, lse, 7, 2, 3, 3.0, normalize))
+
+
+@pytest.mark.parametrize("offsets,match", [((0, 2, 3), "overlap"), ((0, 8, 3), "inside the M"),
+                                           ((-1, 4, 3), "inside the M"), ((0, 3, 0), "n must")])
+def test_slice_bad_offsets(offsets, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sslkernels.info_nce_slice_fwd(torch.randn(10, 3), *offsets, 2.0, True)
+
+
+_SLICE_MEMORY_PROBE = textwrap.dedent("""
+    import re, sys, torch, sslkernels
+    n, d, world = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    keys = torch.randn(2 * world * n, d, requires_grad=True)
+    fwd = torch.ops.sslkernels.info_nce_slice_fwd
+    fwd(keys[:64], 0, 32, 32, 10.0, True)[0].mean().backward()
+    keys.grad = None
+    open("/proc/self/clear_refs", "w").write("5")
+    hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+    base = hwm()
+    fwd(keys, 0, n, n, 10.0, True)[0].mean().backward()
+    assert torch.isfinite(keys.grad).all()
+    print((hwm() - base) / 1024)
+""")
+
+
+@pytest.mark.slow
+def test_slice_memory_is_linear():
+    """One rank of two with 8192 pairs: its (16384 x 32768) logits would take 2 GiB. The op may
+    hold a few copies of the 16 MB keys (unit rows, their gradient, the queries) and one 16 MB
+    tile: 128 MB in all."""
+    out = subprocess.run([sys.executable, "-c", _SLICE_MEMORY_PROBE, "8192", "128", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    extra_mb = float(out.stdout.strip().splitlines()[-1])
+    assert extra_mb <= 128, f"extra peak memory {extra_mb:.1f} MB"
+
+
+def test_gather_distributed_single_process_is_the_plain_loss():
+    z0, z1 = _inputs(9, 5, torch.float64, "cpu", seed=31)
+    torch.testing.assert_close(fused_info_nce(z0, z1, gather_distributed=True),
+                               fused_info_nce(z0, z1))
+
+
 class TestBadInput:
     def setup_method(self):
         self.z = torch.randn(4, 3)
@@ -331,6 +417,10 @@ class TestBadInput:
         meta = torch.empty(4, 3, device="meta")
         with pytest.raises(ValueError, match="one device"):
             fused_info_nce(self.z, meta)
+
+    def test_gather_distributed_rejects_negatives(self):
+        with pytest.raises(ValueError, match="gather_distributed=True applies to the two-view"):
+            fused_info_nce(self.z, self.z, torch.randn(5, 3), gather_distributed=True)
 
     def test_bad_reduction_and_backend(self):
         with pytest.raises(ValueError, match="reduction must be one of"):

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from . import _ext, _validate  # noqa: F401  (_ext registers the ops)
+from . import _ext, _validate, distributed  # noqa: F401  (_ext registers the ops)
 from .reference import info_nce as _ref
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -102,6 +102,36 @@ _ops = torch.ops.sslkernels
 _register("sslkernels", _ops.info_nce_pair_bwd, _ops.info_nce_neg_fwd, _ops.info_nce_neg_bwd)
 
 
+# The slice op (csrc/info_nce_slice.cpp): the 2n rows of one rank against the M gathered keys.
+# One ATen body serves every device, so it has no Triton twin.
+@torch.library.register_fake("sslkernels::info_nce_slice_fwd")
+def _slice_fwd_fake(keys, offset0, offset1, n, inv_temperature, normalize):
+    return (keys.new_empty(2 * n, dtype=_acc_dtype(keys)),
+            keys.new_empty(2 * n, dtype=_acc_dtype(keys)))
+
+
+@torch.library.register_fake("sslkernels::info_nce_slice_bwd")
+def _slice_bwd_fake(grad_loss, keys, lse_neg, offset0, offset1, n, inv_temperature, normalize):
+    return torch.empty_like(keys)
+
+
+def _slice_setup(ctx, inputs, output):
+    keys, ctx.offset0, ctx.offset1, ctx.n, ctx.inv_t, ctx.normalize = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(keys, output[1])
+
+
+def _slice_backward(ctx, grad_loss, _grad_lse):
+    keys, lse_neg = ctx.saved_tensors
+    dkeys = _ops.info_nce_slice_bwd(grad_loss.contiguous(), keys, lse_neg, ctx.offset0,
+                                    ctx.offset1, ctx.n, ctx.inv_t, ctx.normalize)
+    return dkeys, None, None, None, None, None
+
+
+torch.library.register_autograd("sslkernels::info_nce_slice_fwd", _slice_backward,
+                                setup_context=_slice_setup)
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton op set (defined only where triton imports).
 
@@ -172,7 +202,8 @@ def _check_backend(backend: str, device: torch.device) -> None:
 
 def fused_info_nce(z0: torch.Tensor, z1: torch.Tensor, negatives: torch.Tensor | None = None, *,
                    temperature: float = 0.5, normalize: bool = True, reduction: str = "mean",
-                   backend: str | None = None) -> torch.Tensor:
+                   backend: str | None = None, gather_distributed: bool = False,
+                   group: "torch.distributed.ProcessGroup | None" = None) -> torch.Tensor:
     r"""InfoNCE / NT-Xent without materializing the logits matrix.
 
     **Two views (SimCLR)** - ``negatives is None``. ``z0, z1``: (N, D), the two views of N
@@ -195,6 +226,24 @@ def fused_info_nce(z0: torch.Tensor, z1: torch.Tensor, negatives: torch.Tensor |
     Gradients flow to ``z0`` and ``z1`` (pass ``k.detach()`` for MoCo's stop-gradient), never
     to ``negatives``. ``"none"`` returns (N,) rows.
 
+    **Across ranks** - ``gather_distributed=True`` with an initialized process group of W > 1
+    ranks, two-view form only. Every rank passes its own (N, D) views (same N and D on every
+    rank); the global batch is ``z0 = cat(z0 of ranks 0..W-1)``, ``z1`` likewise. Each rank
+    computes its own 2N rows of the global loss above - against all 2WN rows, own column
+    masked, positive at its global column - and returns their mean (``"none"``: the 2N rows,
+    [view 0, view 1]). The logits are never formed: the rank's rows sweep the gathered keys in
+    tiles (memory O(W*N*D), not O(N^2)). Gradients reach every rank's inputs through
+    :func:`sslkernels.distributed.gather_with_grad`: rank r's ``z0, z1`` get
+    ``W * d(global mean loss)/d(z0_r, z1_r)`` (the gradient of the sum of the ranks' means), so
+    after DDP averages parameter gradients over the W ranks, training equals one process on the
+    global batch; the global loss is the mean of the ranks' losses. All backends compute it
+    with the one slice op (ATen tiles, any device; ``"triton"`` and ``"cuda"`` run it too),
+    except ``"reference"``, which builds the (2N, 2WN) logits. The MoCo form does not gather:
+    its negatives are shared through the queue (``NegativeQueue.enqueue(keys, gather=True)``)
+    and each rank's loss is over its own queries; passing ``negatives`` with
+    ``gather_distributed=True`` is an error. Without a process group, or with one rank, the
+    flag changes nothing.
+
     Args:
         z0, z1: (N, D) float16, bfloat16, float32 or float64, same dtype and device.
         negatives: optional (K, D) floating tensor on the same device.
@@ -203,6 +252,9 @@ def fused_info_nce(z0: torch.Tensor, z1: torch.Tensor, negatives: torch.Tensor |
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``None`` (CPU tensors: ``"cpu"``; CUDA: ``"triton"``, else ``"cuda"``),
             ``"reference"`` (plain PyTorch, O(N^2) memory), ``"cpu"``, ``"cuda"``, ``"triton"``.
+        gather_distributed: compute this rank's share of the loss over the batches of all
+            ranks (two-view form; see above).
+        group: the process group for ``gather_distributed`` (default: the world).
 
     Returns:
         The loss in float32 (float64 for float64 inputs); a scalar unless ``reduction="none"``.
@@ -232,6 +284,25 @@ def fused_info_nce(z0: torch.Tensor, z1: torch.Tensor, negatives: torch.Tensor |
     backend = default_backend(device) if backend is None else backend
     _check_backend(backend, device)
     normalize = bool(normalize)
+    if gather_distributed and negatives is not None:
+        raise ValueError("gather_distributed=True applies to the two-view form only (negatives "
+                         "is None); share MoCo negatives through "
+                         "NegativeQueue.enqueue(keys, gather=True) instead")
+    rank, world = distributed.rank_and_world(group) if gather_distributed else (0, 1)
+
+    if world > 1:
+        # Rank r's rows of the gathered keys: [z0_r; z1_r] at [2rN, 2(r+1)N). InfoNCE does not
+        # care about row order, so one gather of the stacked views serves both.
+        n = z0.shape[0]
+        keys = distributed.gather_with_grad(torch.cat([z0, z1]), group)
+        off0, off1 = 2 * rank * n, 2 * rank * n + n
+        if backend == "reference":
+            rows = _ref.info_nce_slice_rows(keys, off0, off1, n, 1.0 / inv_t, normalize)
+            rows = rows.to(_acc_dtype(z0))
+        else:
+            rows, _ = torch.ops.sslkernels.info_nce_slice_fwd(keys, off0, off1, n, inv_t,
+                                                              normalize)
+        return _reduce(rows, reduction)
 
     if backend == "reference":
         if negatives is None:
@@ -247,6 +318,10 @@ def fused_info_nce(z0: torch.Tensor, z1: torch.Tensor, negatives: torch.Tensor |
             need_grad = torch.is_grad_enabled() and (z0.requires_grad or z1.requires_grad)
             rows, _, _ = ops.info_nce_neg_fwd(z0, z1, negatives.detach(), inv_t, normalize,
                                               need_grad)
+    return _reduce(rows, reduction)
+
+
+def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return rows.mean()
     if reduction == "sum":

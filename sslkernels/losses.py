@@ -27,8 +27,13 @@ class NTXentLoss(nn.Module):
             ``q = out0, k = out1`` with the bank as negatives, and ``out1`` (detached,
             normalized) is written into the bank after the loss is computed. A lightly-style
             ``(size, dim)`` tuple is accepted too.
-        gather_distributed: gather embeddings from all ranks before the loss (needs an
-            initialized process group with more than one rank to have any effect).
+        gather_distributed: with an initialized process group of W > 1 ranks, each rank's
+            loss is its share of the NT-Xent over the global batch (every rank's embeddings are
+            negatives, gradients flow back to the rank that produced them; see
+            :func:`sslkernels.fused_info_nce`): the mean of the ranks' losses is the global-batch
+            loss and, after DDP's gradient averaging, training equals one process on the global
+            batch. With a memory bank the loss stays per rank (the MoCo form) and the bank is fed
+            the keys of all ranks, so every rank holds the same bank. No effect on one process.
         backend: forwarded to :func:`fused_info_nce`.
     """
 
@@ -53,18 +58,15 @@ class NTXentLoss(nn.Module):
             self.bank = NegativeQueue(size, dim)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
-        if self.gather_distributed and torch.distributed.is_available() and \
-                torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise NotImplementedError("gather_distributed=True across several ranks is not "
-                                      "implemented yet (tracked in issue 7)")
         if self.memory_bank_size == 0:
-            return fused_info_nce(out0, out1, temperature=self.temperature, backend=self.backend)
+            return fused_info_nce(out0, out1, temperature=self.temperature, backend=self.backend,
+                                  gather_distributed=self.gather_distributed)
         if self.bank is None:
             _validate.tensor("out1", out1, ndim=2)
             self.bank = NegativeQueue(self.memory_bank_size, out1.shape[1], device=out1.device)
         loss = fused_info_nce(out0, out1, negatives=self.bank.negatives,
                               temperature=self.temperature, backend=self.backend)
-        self.bank.enqueue(out1.detach())
+        self.bank.enqueue(out1.detach(), gather=self.gather_distributed)
         return loss
 
 

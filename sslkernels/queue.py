@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _ext, _validate  # noqa: F401  (_ext loads the compiled ops)
+from .distributed import gather_no_grad
 
 __all__ = ["NegativeQueue"]
 
@@ -184,7 +185,7 @@ class NegativeQueue(nn.Module):
         if check_finite and not bool(torch.isfinite(keys).all()):
             raise ValueError("keys must be finite (check_finite=True), got NaN or infinity")
         if gather and dist.is_available() and dist.is_initialized():
-            keys = _all_gather(keys, group)
+            keys = gather_no_grad(keys, group)
         _ENQUEUE(buffer, buffers["ptr"], buffers["fill"], keys, self.normalize)
         if torch.compiler.is_compiling():
             self._known_fill = None
@@ -195,16 +196,3 @@ class NegativeQueue(nn.Module):
         return (f"size={self.size}, dim={self.dim}, dtype={self.buffer.dtype}, "
                 f"normalize={self.normalize}")
 
-
-def _all_gather(keys: torch.Tensor, group) -> torch.Tensor:
-    """(world * B, D): every rank's keys, in rank order. No gradient."""
-    world = dist.get_world_size(group)
-    if world == 1:
-        return keys
-    keys = keys.contiguous()
-    out = keys.new_empty((world * keys.shape[0], keys.shape[1]))
-    # all_gather_single replaces the deprecated all_gather_into_tensor (torch >= 2.14).
-    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    with torch.no_grad():
-        gather_into(out, keys, group=group)
-    return out

@@ -5,6 +5,10 @@ Every random draw after model initialization is a function of (seed, step) or (s
 epoch's shuffle and each step's augmentations. A checkpoint therefore only has to hold the
 module, optimizer and scheduler states (EMA targets and the queue are module buffers) and the
 step, and a resumed run reproduces the uninterrupted one exactly.
+
+Under ``torchrun --nproc_per_node=W`` each process trains on its slice of every global batch of
+``--batch-size`` images (:class:`sslkernels.distributed.Ranks`); rank 0 alone logs, checkpoints
+and probes.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from torch import nn
 
 from . import methods as M
 from .data import ImageFolderUint8, SyntheticShapes, collate_uint8
+from .distributed import Ranks
 
 METHODS = ("simclr", "mocov2", "byol", "simsiam")
 
@@ -339,7 +344,8 @@ def train(args) -> dict:
     out = args.out.format(method=args.method)
     os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "checkpoint.pt")
-    device = torch.device(args.device)
+    ranks = Ranks.from_env(args.device, args.batch_size)
+    device = ranks.device(args.device)
     torch.manual_seed(args.seed)
     data = make_data(args)
     backbone, width = make_backbone(args.backbone, args.image_size)
@@ -355,6 +361,7 @@ def train(args) -> dict:
     if steps_per_epoch < 1:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({len(data.train)} images)")
+    step_fn = ranks.wrap(method)
     total = steps_per_epoch * args.epochs
     scheduler = cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch), total)
     views = Views(args.method, args.image_size, args.seed, per_image=args.per_image_augment,
@@ -371,13 +378,15 @@ def train(args) -> dict:
         step, losses = state["step"], state["losses"]
 
     def checkpoint():
+        if not ranks.main:
+            return
         save_checkpoint(ckpt_path, {"method": method.state_dict(),
                                     "optimizer": optimizer.state_dict(),
                                     "scheduler": scheduler.state_dict(),
                                     "random_backbone": random_backbone.state_dict(),
                                     "step": step, "losses": losses, "args": vars(args)})
 
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    metrics = open(os.path.join(out, "metrics.jsonl") if ranks.main else os.devnull, "a")
     stop_at = total if args.stop_after is None else min(total, args.stop_after)
     t_start, seen = time.perf_counter(), 0
     method.train()
@@ -385,28 +394,29 @@ def train(args) -> dict:
         while step < stop_at:
             epoch, first = divmod(step, steps_per_epoch)
             loader = torch.utils.data.DataLoader(
-                data.train, batch_sampler=_batches(len(data.train), args.batch_size, args.seed,
-                                                   epoch)[first:],
+                data.train, batch_sampler=[ranks.slice(b) for b in _batches(
+                    len(data.train), args.batch_size, args.seed, epoch)[first:]],
                 collate_fn=collate_uint8, num_workers=args.workers)
             for images, _ in loader:
                 t0 = time.perf_counter()
-                v = views(images, step, device)
+                ranks.seed_step(args.seed, step)
+                v = views(images, ranks.augment_key(step), device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                    loss = method.training_step(v)
+                    loss = step_fn(v)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 method.after_optimizer_step(step, total)
                 step += 1
-                losses.append(loss.item())
-                seen += len(images)
-                ips = len(images) / (time.perf_counter() - t0)
+                losses.append(ranks.mean(loss.detach()).item())
+                seen += len(images) * ranks.world
+                ips = len(images) * ranks.world / (time.perf_counter() - t0)
                 metrics.write(json.dumps({"step": step, "epoch": step / steps_per_epoch,
                                           "loss": losses[-1],
                                           "lr": optimizer.param_groups[0]["lr"],
                                           "images_per_s": ips}) + "\n")
-                if not args.quiet:
+                if not args.quiet and ranks.main:
                     done = int(30 * step / total)
                     print(f"\r[{'#' * done}{'.' * (30 - done)}] epoch {epoch + 1}/{args.epochs} "
                           f"step {step}/{total} loss {losses[-1]:.4f} {ips:.0f} img/s",
@@ -422,12 +432,12 @@ def train(args) -> dict:
               f"(continue with --resume)", file=sys.stderr)
         raise
     metrics.close()
-    if not args.quiet:
+    if not args.quiet and ranks.main:
         print(file=sys.stderr)
     elapsed = time.perf_counter() - t_start
     result = {"method": args.method, "steps": step, "losses": losses,
               "seconds": elapsed, "seconds_per_epoch": elapsed / max(1e-9, seen / len(data.train))}
-    if step >= total:
+    if step >= total and ranks.main:
         checkpoint()
         if not args.no_probe:
             acc = {"random": probe(random_backbone, data, args.image_size, device),
@@ -440,6 +450,7 @@ def train(args) -> dict:
                   f"{100 * acc['random']['knn']:.1f}%), {result['seconds_per_epoch']:.1f} s/epoch")
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump({k: v for k, v in result.items() if k != "losses"}, f, indent=2)
+    ranks.close()
     return result
 
 

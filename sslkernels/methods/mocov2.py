@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from ..distributed import batch_shuffle, batch_unshuffle
 from ..ema import ema_update_
 from ..info_nce import fused_info_nce
 from ..queue import NegativeQueue
@@ -30,14 +31,23 @@ class MoCoV2(nn.Module):
         loss_backend / ema_backend: ``"reference"`` switches to plain PyTorch.
         ema_buffers: ``"skip"`` (official: the key encoder's BatchNorm statistics come from its
             own forward passes), ``"copy"`` or ``"ema"``.
-        gather: enqueue keys from all ranks (needs an initialized process group).
+        gather: enqueue the keys of all ranks, in rank order, so every rank holds the same
+            queue (as the official code does; no effect without a process group). The loss itself
+            is per rank (each rank's queries against its keys and the shared queue), as in MoCo.
+        shuffle_bn: MoCo's shuffled BatchNorm for the key encoder under ``torch.distributed``:
+            the key inputs of all ranks are gathered, permuted by one random permutation shared
+            by all ranks, each rank encodes its slice and the keys are un-shuffled (see
+            :func:`sslkernels.distributed.batch_shuffle`), so BatchNorm statistics cannot leak
+            which key pairs with which query. No effect on one process. For SyncBatchNorm
+            instead, convert the encoders with ``nn.SyncBatchNorm.convert_sync_batchnorm``
+            (CUDA only in torch) and pass ``shuffle_bn=False``.
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, dim: int = 128,
                  mlp_hidden: int | None = None, queue_size: int = 65536,
                  momentum: float = 0.999, temperature: float = 0.2, symmetric: bool = False,
                  loss_backend: str | None = None, ema_backend: str | None = None,
-                 ema_buffers: str = "skip", gather: bool = True):
+                 ema_buffers: str = "skip", gather: bool = True, shuffle_bn: bool = True):
         super().__init__()
         self.backbone = backbone
         self.projector = mlp([feature_dim, mlp_hidden or feature_dim, dim], batch_norm=False)
@@ -52,7 +62,8 @@ class MoCoV2(nn.Module):
         self.loss_backend = loss_backend
         self.ema_backend = ema_backend
         self.ema_buffers = ema_buffers
-        self.gather = gather
+        self.gather = bool(gather)
+        self.shuffle_bn = bool(shuffle_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -71,7 +82,10 @@ class MoCoV2(nn.Module):
 
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.key_projector(self.key_backbone(x))
+            if not self.shuffle_bn:
+                return self.key_projector(self.key_backbone(x))
+            x, unshuffle = batch_shuffle(x)
+            return batch_unshuffle(self.key_projector(self.key_backbone(x)), unshuffle)
 
     def training_step(self, views) -> torch.Tensor:
         x0, x1 = views

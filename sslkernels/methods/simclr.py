@@ -21,11 +21,15 @@ class SimCLR(nn.Module):
         queue_size: SimCLR v2's memory of past embeddings used as extra negatives (0 = off).
         loss_backend: forwarded to :func:`sslkernels.fused_info_nce` (``"reference"`` for plain
             PyTorch).
+        gather_distributed: under ``torch.distributed``, every rank's embeddings are negatives
+            for every rank, with gradients (:class:`sslkernels.losses.NTXentLoss`); with DDP this
+            trains exactly as one process on the global batch would. No effect on one process.
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int | None = None,
                  proj_dim: int = 128, proj_layers: int = 2, temperature: float = 0.5,
-                 queue_size: int = 0, loss_backend: str | None = None):
+                 queue_size: int = 0, loss_backend: str | None = None,
+                 gather_distributed: bool = True):
         super().__init__()
         if proj_layers not in (2, 3):
             raise ValueError(f"proj_layers must be 2 (SimCLR v1) or 3 (v2), got {proj_layers}")
@@ -34,7 +38,8 @@ class SimCLR(nn.Module):
         dims = [feature_dim] + [hidden] * (proj_layers - 1) + [proj_dim]
         self.projector = mlp(dims, batch_norm=proj_layers == 3)
         self.criterion = NTXentLoss(temperature=temperature, memory_bank_size=queue_size,
-                                    backend=loss_backend)
+                                    backend=loss_backend,
+                                    gather_distributed=gather_distributed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

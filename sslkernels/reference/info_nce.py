@@ -30,6 +30,26 @@ def info_nce_pair_rows(z0: torch.Tensor, z1: torch.Tensor, temperature: float,
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+def info_nce_slice_rows(keys: torch.Tensor, offset0: int, offset1: int, n: int,
+                        temperature: float, normalize: bool = True) -> torch.Tensor:
+    """Per-row NT-Xent losses of the 2n rows ``[keys[offset0:offset0+n]; keys[offset1:offset1+n]]``
+    against all M keys, shape (2n,): the distributed SimCLR loss of one rank, written as lightly
+    writes its gathered case (logits against every key, the row's own column masked, the label
+    at the positive's global column).
+
+    With ``keys = cat(z0, z1)``, offsets 0 and N, this is :func:`info_nce_pair_rows`.
+    """
+    k = _unit(keys, normalize)
+    rows0 = torch.arange(offset0, offset0 + n, device=keys.device)
+    rows1 = torch.arange(offset1, offset1 + n, device=keys.device)
+    own, positive = torch.cat([rows0, rows1]), torch.cat([rows1, rows0])
+    logits = k[own] @ k.T / temperature
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(2 * n, device=keys.device), own] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    return F.cross_entropy(logits, positive, reduction="none")
+
+
 def info_nce_negatives_rows(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
                             temperature: float, normalize: bool = True) -> torch.Tensor:
     """Per-row MoCo InfoNCE losses, shape (N,): logits ``[q.k, q.Q^T] / T``, label 0.
