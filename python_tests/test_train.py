@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sslkernels import train as T
-from sslkernels.data import SyntheticShapes, collate_uint8
+from sslkernels.augment import uint8_collate
+from sslkernels.data import SHAPES, SyntheticShapes
 
 TINY = ["--train-size", "64", "--batch-size", "16", "--image-size", "16", "--epochs", "2",
         "--queue-size", "64", "--quiet", "--seed", "3"]
@@ -91,10 +92,32 @@ def test_dataset_and_collate():
     im, label = ds[5]
     assert im.dtype == torch.uint8 and im.shape == (3, 24, 24) and 0 <= label < 10
     assert torch.equal(ds[5][0], SyntheticShapes(30, 24, seed=1)[5][0])  # deterministic
-    batch, labels = collate_uint8([ds[i] for i in range(4)])
+    assert not torch.equal(ds[5][0], SyntheticShapes(30, 24, seed=2)[5][0])
+    batch, labels = uint8_collate([ds[i] for i in range(4)])
     assert batch.shape == (4, 3, 24, 24) and batch.dtype == torch.uint8
-    mixed, _ = collate_uint8([ds[0], (torch.zeros(3, 10, 12, dtype=torch.uint8), 1)])
+    mixed, _ = uint8_collate([ds[0], (torch.zeros(3, 10, 12, dtype=torch.uint8), 1)])
     assert isinstance(mixed, list)
+    with pytest.raises(IndexError):
+        ds[30]
+    with pytest.raises(ValueError, match="size"):
+        SyntheticShapes(10, 8)
+    with pytest.raises(ValueError, match="length"):
+        SyntheticShapes(0, 32)
+
+
+def test_dataset_classes_are_shapes_not_colours():
+    """The class must not be readable from colour: per-class mean colours are all alike, while
+    each class's shape leaves a distinct mean edge pattern."""
+    ds = SyntheticShapes(600, 32, seed=0)
+    ims = torch.stack([ds[i][0] for i in range(len(ds))]).float() / 255
+    labels = torch.tensor([ds[i][1] for i in range(len(ds))])
+    assert set(labels.tolist()) == set(range(len(SHAPES)))
+    colour = torch.stack([ims[labels == c].mean((0, 2, 3)) for c in range(len(SHAPES))])
+    assert (colour.max(0).values - colour.min(0).values).max() < 0.15  # fill area differs
+    # a nearest-class-mean classifier on mean colour is near chance
+    per_image = ims.mean((2, 3))
+    pred = torch.cdist(per_image, colour).argmin(1)
+    assert (pred == labels).float().mean() < 0.25
 
 
 def test_bad_arguments(tmp_path):
@@ -107,3 +130,22 @@ def test_bad_arguments(tmp_path):
         T.Views("simclr", 16, 0, min_scale=0.0)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         T.train(_args(tmp_path / "none", "simclr", "--resume"))
+
+
+def test_views_are_the_library_augmentation_seeded_by_step():
+    """The trainer's views are sslkernels.augment's op with the recipe's configs and a generator
+    seeded by (seed, step): the same step replays exactly, another step draws anew."""
+    from sslkernels import augment as A
+
+    images = torch.stack([SyntheticShapes(4, 32, seed=0)[i][0] for i in range(4)])
+    views = T.Views("byol", 32, seed=5, min_scale=T.default_min_scale(32))
+    assert [c.scale for c in views.configs] == [(0.4, 1.0)] * 2
+    assert (views.configs[0].blur_p, views.configs[1].solarize_p) == (1.0, 0.2)  # BYOL's views
+    a0, a1 = views(images, 7, torch.device("cpu"))
+    want = A.TwoViews(*views.configs)(images, generator=torch.Generator().manual_seed(
+        5 * 1_000_003 + 7))
+    assert torch.equal(a0, want.view1) and torch.equal(a1, want.view2)
+    b0, _ = views(images, 8, torch.device("cpu"))
+    assert not torch.equal(a0, b0)
+    assert T.default_min_scale(224) is None
+    assert T.Views("simclr", 224, 0).configs[0].scale == (0.08, 1.0)  # the recipe's own

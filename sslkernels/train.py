@@ -24,25 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import augment as A
 from . import methods as M
-from .data import ImageFolderUint8, SyntheticShapes, collate_uint8
+from .data import ImageFolderUint8, SyntheticShapes
 from .distributed import Ranks
 
 METHODS = ("simclr", "mocov2", "byol", "simsiam")
 
-# Augmentation recipes (crop scale, jitter (b, c, s, h) and its p, grayscale p, blur p per view,
-# solarize p per view) from the official code: SimCLR (google-research/simclr data_util.py),
-# MoCo v2 / SimSiam (facebookresearch/moco main_moco.py --aug-plus, facebookresearch/simsiam
-# main_simsiam.py), BYOL (Grill et al. 2020, table 6: asymmetric views).
-RECIPES = {
-    "simclr": dict(scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), p_jitter=0.8, p_gray=0.2,
-                   p_blur=(0.5, 0.5), p_solarize=(0.0, 0.0)),
-    "mocov2": dict(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2,
-                   p_blur=(0.5, 0.5), p_solarize=(0.0, 0.0)),
-    "byol": dict(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2,
-                 p_blur=(1.0, 0.1), p_solarize=(0.0, 0.2)),
-}
-RECIPES["simsiam"] = RECIPES["mocov2"]
+# Augmentation recipes from the official code (sslkernels.augment: SimCLR's data_util.py,
+# MoCo v2's --aug-plus, which SimSiam reuses, and BYOL's asymmetric views).
+RECIPES = {"simclr": A.simclr, "mocov2": A.moco_v2, "byol": A.byol, "simsiam": A.simsiam}
+DEFAULT_EPOCHS = {"simclr": 15, "mocov2": 15, "byol": 30, "simsiam": 30}
+# BYOL is trained with LARS in the paper, and on the default dataset it learns more with it (32%
+# vs 28% linear); the others use SGD as their official code does.
+DEFAULT_OPTIMIZER = {"simclr": "sgd", "mocov2": "sgd", "byol": "lars", "simsiam": "sgd"}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -56,12 +51,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--backbone", default="small", choices=("small", "resnet18", "resnet50"),
                    help="small: a 4-block convnet; resnet*: torchvision ResNet (small-image stem "
                         "below 96 px)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd")
+    p.add_argument("--width", type=int, default=64,
+                   help="small backbone: channels of its last two blocks")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default: 15 SimCLR and MoCo v2, 30 BYOL and SimSiam (without negatives "
+                        "they learn more slowly in short runs)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", choices=("sgd", "lars"), default=None,
+                   help="default: lars for byol, sgd for the others")
     p.add_argument("--lr", type=float, default=None,
-                   help="base learning rate per 256 images (default: 0.3 SimCLR/BYOL with LARS "
-                        "or 0.06 SGD; 0.05 SimSiam; 0.06 MoCo)")
+                   help="base learning rate per 256 images (default: 0.5 SimCLR, MoCo v2 and "
+                        "BYOL, 1.0 SimCLR and BYOL with LARS; 0.2 SimSiam)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
@@ -74,10 +74,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps in total")
-    p.add_argument("--queue-size", type=int, default=4096, help="MoCo queue K")
+    p.add_argument("--queue-size", type=int, default=2048, help="MoCo queue K")
     p.add_argument("--no-probe", action="store_true")
     p.add_argument("--min-scale", type=float, default=None,
-                   help="smallest crop area fraction (default: the recipe's, 0.08 or 0.2)")
+                   help="smallest crop area fraction (default: 0.4 for images below 64 px, "
+                        "else the recipe's 0.08 or 0.2)")
     p.add_argument("--per-image-augment", action="store_true",
                    help="torchvision v2 image by image instead of the batched augmentation")
     p.add_argument("--quiet", action="store_true")
@@ -87,16 +88,21 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 # ---------------------------------------------------------------------------------------------
 # Pieces
 
-def make_backbone(name: str, image_size: int) -> tuple[nn.Module, int]:
+def make_backbone(name: str, image_size: int, width: int = 64) -> tuple[nn.Module, int]:
     if name == "small":
-        net = M.SmallConvNet(128)
+        net = M.SmallConvNet(width)
         return net, net.width
     return M.resnet_backbone(name, small_images=image_size < 96)
 
 
 def make_method(name: str, backbone: nn.Module, width: int, args) -> nn.Module:
+    # Sized for runs of a few hundred steps: SimCLR at the paper's CIFAR temperature (0.5; 0.1-0.2
+    # needs large batches), MoCo's and BYOL's targets with lower momentum than the papers'
+    # 0.999 / 0.996, which are tuned for hundreds of ImageNet epochs and would leave the target
+    # almost at its random initialization here.
     if name == "simclr":
-        return M.SimCLR(backbone, width, proj_hidden=512, proj_dim=128, temperature=0.2)
+        return M.SimCLR(backbone, width, proj_hidden=512, proj_dim=128, proj_layers=3,
+                        temperature=0.5)
     if name == "mocov2":
         return M.MoCoV2(backbone, width, dim=128, mlp_hidden=512, queue_size=args.queue_size,
                         momentum=0.99, temperature=0.2)
@@ -104,6 +110,13 @@ def make_method(name: str, backbone: nn.Module, width: int, args) -> nn.Module:
         return M.BYOL(backbone, width, proj_hidden=1024, proj_dim=256, pred_hidden=1024,
                       base_momentum=0.99)
     return M.SimSiam(backbone, width, dim=512, pred_dim=128)
+
+
+def default_min_scale(image_size: int) -> float | None:
+    """Below 64 px the recipes' smallest crops (8% or 20% of the area: 9 or 14 px of a 32-px
+    image) hold a sliver of one shape and little else, so views of one image would share too
+    little to learn from in a short run; 40% keeps most of a shape in every crop."""
+    return 0.4 if image_size < 64 else None
 
 
 class LARS(torch.optim.Optimizer):
@@ -153,38 +166,45 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
-def _view_transform(recipe: dict, view: int, size: int):
+def _view_transform(c: A.ViewConfig):
+    """torchvision v2 equivalent of one view's config, applied image by image."""
     from torchvision.transforms import v2
 
-    b, c, s, h = recipe["jitter"]
-    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
-    steps = [v2.RandomResizedCrop(size, scale=recipe["scale"], antialias=True),
-             v2.RandomHorizontalFlip(),
-             v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=recipe["p_jitter"]),
-             v2.RandomGrayscale(p=recipe["p_gray"]),
-             v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=recipe["p_blur"][view]),
+    steps = [v2.RandomResizedCrop(c.size, scale=c.scale, ratio=c.ratio, antialias=True),
+             v2.RandomHorizontalFlip(c.flip_p),
+             v2.RandomApply([v2.ColorJitter(*c.jitter)], p=c.jitter_p),
+             v2.RandomGrayscale(p=c.gray_p),
+             v2.RandomApply([v2.GaussianBlur(c.kernel_size, sigma=c.blur_sigma)], p=c.blur_p),
              v2.ToDtype(torch.float32, scale=True),
-             v2.RandomSolarize(0.5, p=recipe["p_solarize"][view]),
-             v2.Normalize(MEAN, STD)]
+             v2.RandomSolarize(c.solarize_threshold, p=c.solarize_p),
+             v2.Normalize(c.mean, c.std)]
     return v2.Compose(steps)
 
 
 class Views:
-    """Two augmented views of a uint8 batch, batched with per-sample parameters
-    (:mod:`sslkernels.batched_augment`), or image by image with torchvision
-    (``per_image=True``). Randomness comes from a generator seeded by (seed, step), so a resumed
-    run draws exactly what the uninterrupted one drew."""
+    """Two augmented views of a uint8 batch (or list of images): the library's batched
+    augmentation op (:class:`sslkernels.augment.TwoViews`, per-sample parameters), or
+    torchvision image by image (``per_image=True``). Every draw comes from a generator seeded by
+    (seed, step), so a resumed run draws exactly what the uninterrupted one drew.
+
+    ``min_scale`` replaces the lower end of the recipe's crop-area range (both views).
+    """
 
     def __init__(self, method: str, size: int, seed: int, per_image: bool = False,
-                 min_scale: float | None = None):
-        self.recipe = dict(RECIPES[method])
+                 min_scale: float | None = None, channels_last: bool = False):
+        if method not in RECIPES:
+            raise ValueError(f"method must be one of {tuple(RECIPES)}, got {method!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an int >= 1, got {size!r}")
+        configs = RECIPES[method](size, mean=MEAN, std=STD, channels_last=channels_last)
         if min_scale is not None:
             if not 0 < min_scale <= 1:
                 raise ValueError(f"--min-scale must be in (0, 1], got {min_scale}")
-            self.recipe["scale"] = (min_scale, 1.0)
-        self.size, self.seed, self.per_image = size, seed, per_image
+            configs = tuple(c.replace(scale=(min_scale, 1.0)) for c in configs)
+        self.configs, self.size, self.seed, self.per_image = configs, size, seed, per_image
+        self.two_views = A.TwoViews(*configs)
         if per_image:
-            self.transforms = [_view_transform(self.recipe, v, size) for v in (0, 1)]
+            self.transforms = [_view_transform(c) for c in configs]
 
     def __call__(self, images, step: int, device: torch.device):
         if self.per_image:
@@ -192,15 +212,15 @@ class Views:
                 torch.manual_seed(self.seed * 1_000_003 + step)
                 views = [torch.stack([t(im) for im in images]) for t in self.transforms]
             return tuple(v.to(device, non_blocking=True) for v in views)
-        from .batched_augment import augment_batch
-
         if isinstance(images, list):
-            raise ValueError("images of different sizes: use --image-size with a dataset of "
-                             "equal sizes, or --per-image-augment")
-        images = images.to(device, non_blocking=True)
-        g = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
-        return tuple(augment_batch(images, self.size, self.recipe, v, g, MEAN, STD)
-                     for v in (0, 1))
+            images = [im.to(device, non_blocking=True) for im in images]
+        else:
+            images = images.to(device, non_blocking=True)
+        # sample_params draws on the CPU whatever the device, so CPU and GPU runs with one seed
+        # see the same crops and colours
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        out = self.two_views(images, generator=g)
+        return out.view1, out.view2
 
 
 @dataclass
@@ -271,7 +291,10 @@ def _features(backbone: nn.Module, ds, size: int, device, batch: int = 256):
     feats, labels = [], []
     for i in range(0, len(ds), batch):
         items = [ds[j] for j in range(i, min(len(ds), i + batch))]
-        x = torch.stack([prep(im) for im, _ in items]).to(device)
+        ims = [im for im, _ in items]
+        # one call for a batch of equal-sized images: tiny per-image ops are slow on a busy CPU
+        x = (prep(torch.stack(ims)) if all(im.shape == ims[0].shape for im in ims)
+             else torch.stack([prep(im) for im in ims])).to(device)
         feats.append(backbone(x).float().cpu())
         labels.append(torch.tensor([l for _, l in items]))
     backbone.train(was)
@@ -348,13 +371,20 @@ def train(args) -> dict:
     device = ranks.device(args.device)
     torch.manual_seed(args.seed)
     data = make_data(args)
-    backbone, width = make_backbone(args.backbone, args.image_size)
-    method = make_method(args.method, backbone, width, args).to(device)
+    if args.width < 4 or args.width % 4:
+        raise ValueError(f"--width must be a positive multiple of 4, got {args.width}")
+    backbone, width = make_backbone(args.backbone, args.image_size, args.width)
+    # channels-last convolutions are ~1.5x faster on CPU; the augmentation op writes the views
+    # in that layout directly
+    method = make_method(args.method, backbone, width, args).to(
+        device, memory_format=torch.channels_last)
     import copy
     random_backbone = copy.deepcopy(method.backbone)  # the baseline the probe compares with
+    if args.optimizer is None:
+        args.optimizer = DEFAULT_OPTIMIZER[args.method]
     base_lr = args.lr if args.lr is not None else {
-        "simclr": 0.3 if args.optimizer == "lars" else 0.06, "byol": 0.3 if args.optimizer ==
-        "lars" else 0.06, "simsiam": 0.05, "mocov2": 0.06}[args.method]
+        "simclr": 1.0 if args.optimizer == "lars" else 0.5, "byol": 1.0 if args.optimizer ==
+        "lars" else 0.5, "simsiam": 0.2, "mocov2": 0.5}[args.method]
     lr = base_lr * args.batch_size / 256
     optimizer = make_optimizer(method, args.method, args.optimizer, lr, args.weight_decay)
     steps_per_epoch = len(data.train) // args.batch_size
@@ -362,10 +392,15 @@ def train(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({len(data.train)} images)")
     step_fn = ranks.wrap(method)
+    if args.epochs is None:
+        args.epochs = DEFAULT_EPOCHS[args.method]
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     total = steps_per_epoch * args.epochs
     scheduler = cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch), total)
     views = Views(args.method, args.image_size, args.seed, per_image=args.per_image_augment,
-                  min_scale=args.min_scale)
+                  min_scale=default_min_scale(args.image_size) if args.min_scale is None
+                  else args.min_scale, channels_last=True)
     step, losses = 0, []
     if args.resume:
         if not os.path.exists(ckpt_path):
@@ -396,7 +431,7 @@ def train(args) -> dict:
             loader = torch.utils.data.DataLoader(
                 data.train, batch_sampler=[ranks.slice(b) for b in _batches(
                     len(data.train), args.batch_size, args.seed, epoch)[first:]],
-                collate_fn=collate_uint8, num_workers=args.workers)
+                collate_fn=A.uint8_collate, num_workers=args.workers)
             for images, _ in loader:
                 t0 = time.perf_counter()
                 ranks.seed_step(args.seed, step)
