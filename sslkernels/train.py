@@ -34,7 +34,7 @@ METHODS = ("simclr", "mocov2", "byol", "simsiam")
 # Augmentation recipes from the official code (sslkernels.augment: SimCLR's data_util.py,
 # MoCo v2's --aug-plus, which SimSiam reuses, and BYOL's asymmetric views).
 RECIPES = {"simclr": A.simclr, "mocov2": A.moco_v2, "byol": A.byol, "simsiam": A.simsiam}
-DEFAULT_EPOCHS = {"simclr": 15, "mocov2": 15, "byol": 30, "simsiam": 30}
+DEFAULT_EPOCHS = {"simclr": 15, "mocov2": 15, "byol": 60, "simsiam": 30}
 # BYOL is trained with LARS in the paper, and on the default dataset it learns more with it (32%
 # vs 28% linear); the others use SGD as their official code does.
 DEFAULT_OPTIMIZER = {"simclr": "sgd", "mocov2": "sgd", "byol": "lars", "simsiam": "sgd"}
