@@ -54,8 +54,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--width", type=int, default=64,
                    help="small backbone: channels of its last two blocks")
     p.add_argument("--epochs", type=int, default=None,
-                   help="default: 15 SimCLR and MoCo v2, 30 BYOL and SimSiam (without negatives "
-                        "they learn more slowly in short runs)")
+                   help="default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items())
+                        + " (without negatives BYOL and SimSiam learn more slowly)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", choices=("sgd", "lars"), default=None,
                    help="default: lars for byol, sgd for the others")
@@ -212,10 +212,10 @@ class Views:
                 torch.manual_seed(self.seed * 1_000_003 + step)
                 views = [torch.stack([t(im) for im in images]) for t in self.transforms]
             return tuple(v.to(device, non_blocking=True) for v in views)
-        if isinstance(images, list):
-            images = [im.to(device, non_blocking=True) for im in images]
-        else:
-            images = images.to(device, non_blocking=True)
+        # Packed on the host (a view of a batch, one copy of a list), then one transfer.
+        packed = A.pack_images(images)
+        images = A.Packed(packed.data.to(device, non_blocking=True),
+                          packed.meta.to(device, non_blocking=True), packed.sizes)
         # sample_params draws on the CPU whatever the device, so CPU and GPU runs with one seed
         # see the same crops and colours
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
