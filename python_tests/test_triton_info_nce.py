@@ -360,12 +360,16 @@ def test_neg_fwd_without_grad_returns_empty_wsum():
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="split heuristic differs on GPU")
-def test_split_paths_both_run():
+def test_split_paths_all_run():
+    # With the interpreter's target of 4 programs, the test sizes above run 1, 2 and 4 splits
+    # of the columns (two views) and of the queue.
     dev = torch.device("cpu")
-    assert tk._queue_splits(3, 100, 16, 32, dev)[0] == 4
-    assert tk._queue_splits(65, 100, 16, 32, dev)[0] == 1
-    assert tk._queue_splits(17, 100, 16, 32, dev)[0] == 2
-    assert tk._queue_splits(65, 7, 16, 32, dev)[0] == 1
+    assert tk._splits(1, 100, 32, dev) == (4, 1)   # neg, N = 3: one row block
+    assert tk._splits(2, 100, 32, dev) == (2, 2)   # neg, N = 17
+    assert tk._splits(5, 100, 32, dev) == (1, 4)   # neg, N = 65
+    assert tk._splits(1, 7, 32, dev) == (1, 1)
+    assert tk._splits(1, 34, 32, dev) == (2, 1)    # pair, N = 17: 2N = 34 columns
+    assert tk._splits(5, 130, 32, dev) == (1, 5)   # pair, N = 65
 
 
 def test_aligned_queue_is_read_in_place(monkeypatch):
@@ -459,7 +463,7 @@ def test_gpu_plans_are_all_in_the_gate():
                 for wsum in (False, True):
                     assert _key(K.neg_partial_plan(dt, queue, d, wsum)) in gated
             for wsum in (False, True):
-                assert _key(K.neg_combine_plan(dt, wsum)) in gated
+                assert _key(K.combine_plan(dt, wsum)) in gated
             assert _key(K.row_rnorm_plan(dt)) in gated
 
 
@@ -471,3 +475,23 @@ def test_half_inputs_dot_in_half():
                 assert launch.pointers["Z"] == dt and launch.dot == dt
             if launch.name.startswith(f"neg_partial[{dt},"):
                 assert launch.dot == dt and launch.pointers["Q"] == dt
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_run_on_the_tensors_device():
+    # Triton launches on the current device; the launchers switch to the tensors' own.
+    torch.cuda.set_device(0)
+    z0 = make(17, 33, torch.float32, True, 0).to("cuda:1")
+    z1 = make(17, 33, torch.float32, True, 1).to("cuda:1")
+    neg = make(100, 32, torch.bfloat16, True, 2).to("cuda:1")
+    loss, lse_neg = tk.pair_fwd(z0, z1, 10.0, True)
+    assert loss.device == torch.device("cuda:1")
+    g = torch.ones(34, dtype=torch.float64, device="cuda:1")
+    e = pair_reference(z0, z1, 0.1, True, g)
+    assert_close(loss, e[0], REL[torch.float32], 10.0)
+    dz0, _ = tk.pair_bwd(g.float(), z0, z1, lse_neg, 10.0, True)
+    assert_close(dz0, e[2], REL[torch.float32], 10.0)
+    loss, _, _ = tk.neg_fwd(z0[:, :32], z1[:, :32], neg, 10.0, True, True)
+    expected = ref.info_nce_negatives_rows(z0[:, :32].double(), z1[:, :32].double(),
+                                           neg.double(), 0.1)
+    assert_close(loss, expected, REL[torch.float32], 10.0)

@@ -9,16 +9,17 @@ Kernels (FlashAttention-style: logits tiles are made by ``tl.dot``, consumed by 
 log-sum-exp and dropped, so memory is O(N*D)):
 
 * ``_pair_lse_kernel``: two views, ``Z = [zn0; zn1]`` (2N, D): each row's log-sum-exp over its
-  negatives (``S = Z Z^T / T`` without the diagonal and the positive ``(i + N) mod 2N``).
+  negatives (``S = Z Z^T / T`` without the diagonal and the positive ``(i + N) mod 2N``), as
+  partial (max, sum) over column splits.
 * ``_pair_grad_kernel``: ``dZn_i = sum_{j neg} (g_i P_ij + g_j P_ji) Z_j`` where
   ``P = exp(S - lse)`` is the softmax of each row; S is symmetric, so both terms come from one
   recomputed tile. The positive pair, the 1/T factor and the normalization backward are O(N*D)
-  and done by the launcher.
+  and done by the launcher. Column splits leave partial sums that the launcher adds.
 * ``_neg_partial_kernel``: MoCo queries ``Qn`` (N, D) against a queue (K, D) read in place in its
   own dtype; the queue is cut into splits (a second grid axis) so that N ~ 256 queries still fill
   the GPU; each split leaves its (max, sum) and, for the backward, the rescaled
   ``sum_j exp(S_ij - m) Qn_j``.
-* ``_neg_combine_kernel``: merges the splits into ``lse_neg``, the loss and ``wsum``.
+* ``_combine_kernel``: merges the splits of either into ``lse_neg``, the loss and ``wsum``.
 * ``_row_rnorm_kernel``: the queue rows' inverse norms, read in place.
 
 Precision: fp32 inputs multiply in IEEE fp32 on FMA units (TF32 would put errors of ~1e-3/T on
@@ -132,10 +133,13 @@ def _pair_negative(rows, cols, col_ok, N):
     return col_ok[None, :] & (cols[None, :] != rows[:, None]) & (cols[None, :] != pos[:, None])
 
 
-@triton.jit(do_not_specialize=["N"])
-def _pair_lse_kernel(Z, LSE_NEG, N, D, stride_z, inv_t: "fp64",
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
+def _pair_lse_kernel(Z, M_PART, L_PART, N, D, tiles_per_split, stride_z, inv_t: "fp64",
                      ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    # Grid: (row blocks, column splits). Each program folds its rows' logits over one range of
+    # columns into a partial (max, sum); _combine_kernel merges the splits. Splitting the
+    # columns is what keeps the GPU busy when 2N / BLOCK_M is smaller than the SM count.
     # inv_t arrives as fp64 so the fp64 path is not limited by an fp32-rounded temperature.
     inv_t = tl.full([], inv_t, ACC)
     two_n = 2 * N
@@ -150,9 +154,11 @@ def _pair_lse_kernel(Z, LSE_NEG, N, D, stride_z, inv_t: "fp64",
 
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     l = tl.zeros([BLOCK_M], dtype=ACC)
-    for n0 in range(0, two_n, BLOCK_N):
+    n_lo = tl.program_id(1) * tiles_per_split * BLOCK_N
+    n_hi = tl.minimum(two_n, n_lo + tiles_per_split * BLOCK_N)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < two_n
+        col_ok = cols < n_hi
         cols64 = cols.to(tl.int64)
         if ONE_CHUNK:
             b = _load_rows(Z, cols64, col_ok, offs_k, D, stride_z, dt)
@@ -162,17 +168,21 @@ def _pair_lse_kernel(Z, LSE_NEG, N, D, stride_z, inv_t: "fp64",
                                 ACC, BLOCK_M, BLOCK_N, BLOCK_K)
         s = tl.where(_pair_negative(rows, cols, col_ok, N), s * inv_t, float("-inf"))
         m, l, _p, _alpha = _online_lse(m, l, s)
-    # No negatives (N = 1): m = -inf, l = 0, lse = -inf, and the launcher's loss is 0.
-    tl.store(LSE_NEG + rows, m + tl.log(l), mask=row_ok)
+    # A row without negatives in this range leaves m = -inf, l = 0 (N = 1: in every range).
+    part = tl.program_id(1) * two_n + rows
+    tl.store(M_PART + part, m, mask=row_ok)
+    tl.store(L_PART + part, l, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["N"])
-def _pair_grad_kernel(Z, G, LSE, G_SCALE, DZN, N, D, stride_z, stride_dzn, inv_t: "fp64",
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
+def _pair_grad_kernel(Z, G, LSE, G_SCALE, DZN_PART, N, D, tiles_per_split, stride_z,
+                      stride_part, inv_t: "fp64",
                       ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, ONE_CHUNK: tl.constexpr):
-    # Grid: (row blocks, feature chunks of BLOCK_DV). Each program owns a (BLOCK_M, BLOCK_DV)
-    # block of dZn and sweeps all columns: every output is written by one program, no atomics,
-    # deterministic. With ONE_CHUNK (D <= BLOCK_K = BLOCK_DV) one tile of Z_j serves both dots;
+    # Grid: (row blocks, feature chunks of BLOCK_DV, column splits). Each program owns a
+    # (BLOCK_M, BLOCK_DV) block of one split's partial dZn and sweeps that split's columns:
+    # every output is written by one program, no atomics, deterministic (the launcher sums the
+    # splits). With ONE_CHUNK (D <= BLOCK_K = BLOCK_DV) one tile of Z_j serves both dots;
     # otherwise each feature chunk recomputes the logits (a D-independent register footprint,
     # paid for only when D > BLOCK_K).
     inv_t = tl.full([], inv_t, ACC)
@@ -196,9 +206,11 @@ def _pair_grad_kernel(Z, G, LSE, G_SCALE, DZN, N, D, stride_z, stride_dzn, inv_t
     lse_i = tl.load(LSE + rows, mask=row_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
-    for n0 in range(0, two_n, BLOCK_N):
+    n_lo = tl.program_id(2) * tiles_per_split * BLOCK_N
+    n_hi = tl.minimum(two_n, n_lo + tiles_per_split * BLOCK_N)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < two_n
+        col_ok = cols < n_hi
         cols64 = cols.to(tl.int64)
         if ONE_CHUNK:
             z_j = _load_rows(Z, cols64, col_ok, offs_k, D, stride_z, dt)
@@ -216,7 +228,8 @@ def _pair_grad_kernel(Z, G, LSE, G_SCALE, DZN, N, D, stride_z, stride_dzn, inv_t
         acc = _dot(w.to(dt), z_j, acc)
 
     unscale = tl.load(G_SCALE).to(ACC) / w_scale
-    tl.store(DZN + rows64[:, None] * stride_dzn + offs_v[None, :], acc * unscale,
+    part = (tl.program_id(2) * two_n + rows).to(tl.int64)
+    tl.store(DZN_PART + part[:, None] * stride_part + offs_v[None, :], acc * unscale,
              mask=row_ok[:, None] & (offs_v < D)[None, :])
 
 
@@ -306,11 +319,13 @@ def _neg_partial_kernel(Q, NEG, RNEG, M_PART, L_PART, ACC_PART, N, D, KNEG, tile
 
 
 @triton.jit(do_not_specialize=["N", "n_splits"])
-def _neg_combine_kernel(LPOS, M_PART, L_PART, ACC_PART, LOSS, LSE_NEG, WSUM, N, D, n_splits,
-                        stride_part, stride_w, NEED_WSUM: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Grid: (row blocks, feature chunks). Each program merges the splits' (max, sum) of its rows
-    # (cheap, repeated per chunk) and rescales its chunk of the accumulators.
+def _combine_kernel(LPOS, M_PART, L_PART, ACC_PART, LOSS, LSE_NEG, WSUM, N, D, n_splits,
+                    stride_part, stride_w, NEED_WSUM: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Merges the splits of _pair_lse_kernel or _neg_partial_kernel: N rows, each with its
+    # positive logit LPOS. Grid: (row blocks, feature chunks). Each program merges the splits'
+    # (max, sum) of its rows (cheap, repeated per chunk) and rescales its chunk of the
+    # accumulators.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     l_pos = tl.load(LPOS + rows, mask=row_ok, other=0.0)
@@ -364,8 +379,8 @@ class Plan(NamedTuple):
 #   logits-only kernels: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 #   kernels with an accumulator: (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DV, num_warps, num_stages)
 _PAIR_LSE = {  # dot dtype -> {"one": ..., "chunked": ...}
-    "float16": {"one": (128, 64, 128, 8, 3), "chunked": (128, 64, 64, 8, 3)},
-    "bfloat16": {"one": (128, 64, 128, 8, 3), "chunked": (128, 64, 64, 8, 3)},
+    "float16": {"one": (128, 64, 128, 8, 3), "chunked": (128, 64, 32, 8, 3)},
+    "bfloat16": {"one": (128, 64, 128, 8, 3), "chunked": (128, 64, 32, 8, 3)},
     "float32": {"one": None, "chunked": (64, 64, 16, 4, 3)},
     "float64": {"one": None, "chunked": (64, 32, 16, 4, 3)},
 }
@@ -396,7 +411,7 @@ _NEG_WSUM = {
     ("float32", "bfloat16"): {"one": None, "chunked": (32, 32, 16, 128, 8, 2)},
     ("float64", "float64"): {"one": None, "chunked": (32, 16, 16, 64, 8, 2)},
 }
-_COMBINE = (32, 64, 4)  # BLOCK_M, BLOCK_D, num_warps
+_COMBINE = (16, 32, 4)  # BLOCK_M, BLOCK_D, num_warps: many small programs (N ~ 256)
 _RNORM = (64, 64, 4)  # BLOCK_R, BLOCK_K, num_warps
 # The interpreter runs on CPU: small tiles keep it fast and make the masked edges, the
 # multi-block loops, the feature chunks and the queue splits all run at test sizes.
@@ -476,9 +491,9 @@ def neg_partial_plan(q_dtype: str, neg_dtype: str, d: int, need_wsum: bool,
     return plan
 
 
-def neg_combine_plan(q_dtype: str, need_wsum: bool, interpret: bool = False) -> Plan:
+def combine_plan(q_dtype: str, need_wsum: bool, interpret: bool = False) -> Plan:
     bm, bd, warps = (16, 16, 4) if interpret else _COMBINE
-    return Plan(_neg_combine_kernel, dict(NEED_WSUM=need_wsum, ACC=acc_name(q_dtype),
+    return Plan(_combine_kernel, dict(NEED_WSUM=need_wsum, ACC=acc_name(q_dtype),
                                           BLOCK_M=bm, BLOCK_D=bd), warps, 1)
 
 
@@ -520,12 +535,12 @@ def specializations() -> Iterator[Launch]:
         acc = acc_name(dt)
         for d in (ONE_CHUNK_MAX, MAX_D):
             plan = pair_lse_plan(dt, d)
-            yield Launch(f"pair_lse[{dt},{_kind(plan)}]", plan, dict(Z=dt, LSE_NEG=acc),
-                         ("D", "stride_z"), dt)
+            yield Launch(f"pair_lse[{dt},{_kind(plan)}]", plan,
+                         dict(Z=dt, M_PART=acc, L_PART=acc), ("D", "stride_z"), dt)
             plan = pair_grad_plan(dt, d)
             yield Launch(f"pair_grad[{dt},{_kind(plan)}]", plan,
-                         dict(Z=dt, G=acc, LSE=acc, G_SCALE=acc, DZN=acc),
-                         ("D", "stride_z", "stride_dzn"), dt)
+                         dict(Z=dt, G=acc, LSE=acc, G_SCALE=acc, DZN_PART=acc),
+                         ("D", "stride_z", "stride_part"), dt)
             for neg in DTYPES:
                 dot = neg_dot_name(dt, neg)
                 if dot is None:
@@ -538,6 +553,6 @@ def specializations() -> Iterator[Launch]:
         yield Launch(f"row_rnorm[{dt}]", row_rnorm_plan(dt), dict(X=dt, OUT=acc),
                      ("D", "stride_x"), None)
         for wsum in (False, True):
-            yield Launch(f"neg_combine[{acc},wsum={wsum}]", neg_combine_plan(dt, wsum),
+            yield Launch(f"combine[{acc},wsum={wsum}]", combine_plan(dt, wsum),
                          dict(LPOS=acc, M_PART=acc, L_PART=acc, ACC_PART=acc, LOSS=acc,
                               LSE_NEG=acc, WSUM=acc), ("D", "stride_part", "stride_w"), None)

@@ -99,6 +99,43 @@ def _loss(lse_neg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return F.softplus(lse_neg - pos)
 
 
+def _splits(row_programs: int, n_cols: int, block_n: int,
+            device: torch.device) -> tuple[int, int]:
+    """(number of splits, tiles per split) of ``n_cols`` columns so that ``row_programs``
+    programs per split make about two waves on the GPU (2N / BLOCK_M or N / BLOCK_M alone is
+    often far below the SM count: 2N = 4096 rows in blocks of 128 is 32 programs)."""
+    tiles = triton.cdiv(n_cols, block_n)
+    if tiles <= 1:
+        return 1, max(tiles, 1)
+    if device.type == "cuda":
+        target = 2 * _sm_count(device.index if device.index is not None
+                               else torch.cuda.current_device())
+    else:
+        target = 4  # interpreter: small, but enough to exercise the split paths in tests
+    splits = min(tiles, triton.cdiv(target, row_programs))
+    if device.type == "cuda":
+        # >= 4 tiles per split keeps the partial write-backs a small overhead.
+        splits = min(splits, triton.cdiv(tiles, 4))
+    per_split = triton.cdiv(tiles, max(splits, 1))
+    return triton.cdiv(tiles, per_split), per_split
+
+
+def _combine(l_pos, m_part, l_part, acc_part, width: int, need_wsum: bool, dtype, interp):
+    """Merge the splits' (max, sum) and accumulators: (loss, lse_neg, wsum (rows, width))."""
+    splits, rows = m_part.shape
+    dev, acc = m_part.device, m_part.dtype
+    loss = torch.empty(rows, dtype=acc, device=dev)
+    lse_neg = torch.empty(rows, dtype=acc, device=dev)
+    wsum = torch.empty((rows, width) if need_wsum else (0,), dtype=acc, device=dev)
+    plan = K.combine_plan(_name(dtype), need_wsum, interp)
+    c = plan.constexprs
+    _launch(plan, (triton.cdiv(rows, c["BLOCK_M"]),
+                   triton.cdiv(width, c["BLOCK_D"]) if need_wsum else 1),
+            l_pos, m_part, l_part, acc_part, loss, lse_neg, wsum if need_wsum else loss,
+            rows, width, splits, width if need_wsum else 0, width if need_wsum else 0)
+    return loss, lse_neg, wsum
+
+
 # ---------------------------------------------------------------------------------------------
 # Two views
 
@@ -117,13 +154,20 @@ def pair_fwd(z0: torch.Tensor, z1: torch.Tensor, inv_t: float, normalize: bool):
     acc = _acc(z0.dtype)
     if n == 0:
         return z0.new_empty(0, dtype=acc), z0.new_empty(0, dtype=acc)
+    interp = _interpreting()
     with _on_device(z0):
         _, _, pos, z = _pair_inputs(z0, z1, inv_t, normalize)
-        lse_neg = torch.empty(2 * n, dtype=acc, device=z0.device)
-        plan = K.pair_lse_plan(_name(z0.dtype), d, _interpreting())
-        _launch(plan, (triton.cdiv(2 * n, plan.constexprs["BLOCK_M"]),),
-                z, lse_neg, n, z.shape[1], z.stride(0), float(inv_t))
-        return _loss(lse_neg, pos), lse_neg
+        plan = K.pair_lse_plan(_name(z0.dtype), d, interp)
+        c = plan.constexprs
+        row_blocks = triton.cdiv(2 * n, c["BLOCK_M"])
+        splits, per_split = _splits(row_blocks, 2 * n, c["BLOCK_N"], z0.device)
+        m_part = torch.empty((splits, 2 * n), dtype=acc, device=z0.device)
+        l_part = torch.empty((splits, 2 * n), dtype=acc, device=z0.device)
+        _launch(plan, (row_blocks, splits), z, m_part, l_part, n, z.shape[1], per_split,
+                z.stride(0), float(inv_t))
+        loss, lse_neg, _ = _combine(pos.contiguous(), m_part, l_part, m_part, z.shape[1],
+                                    False, z0.dtype, interp)
+        return loss, lse_neg
 
 
 def pair_bwd(grad_loss: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor,
@@ -142,14 +186,16 @@ def pair_bwd(grad_loss: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor,
         # The kernel weighs rows by g / max|g| (see _pair_grad_kernel); no host sync for it.
         g_max = g.abs().amax()
         g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max)).reshape(1)
-        dzn_buf = torch.empty((2 * n, z.shape[1]), dtype=acc, device=z0.device)
         plan = K.pair_grad_plan(_name(z0.dtype), d, _interpreting())
         c = plan.constexprs
-        grid = (triton.cdiv(2 * n, c["BLOCK_M"]),
-                1 if c["ONE_CHUNK"] else triton.cdiv(z.shape[1], c["BLOCK_DV"]))
-        _launch(plan, grid, z, g / g_max, lse, g_max, dzn_buf, n, z.shape[1], z.stride(0),
-                dzn_buf.stride(0), float(inv_t))
-        dzn = dzn_buf[:, :d]
+        width = z.shape[1]
+        row_blocks = triton.cdiv(2 * n, c["BLOCK_M"])
+        chunks = 1 if c["ONE_CHUNK"] else triton.cdiv(width, c["BLOCK_DV"])
+        splits, per_split = _splits(row_blocks * chunks, 2 * n, c["BLOCK_N"], z0.device)
+        part = torch.empty((splits, 2 * n, width), dtype=acc, device=z0.device)
+        _launch(plan, (row_blocks, chunks, splits), z, g / g_max, lse, g_max, part, n, width,
+                per_split, z.stride(0), part.stride(1), float(inv_t))
+        dzn = (part[0] if splits == 1 else part.sum(0))[:, :d]
         # The positive pair (i, p) adds g_i (P_ip - 1) + g_p (P_pi - 1) = g_i expm1(-loss_i) +
         # g_p expm1(-loss_p): exact even when P_ip is within rounding of 1.
         ge = g * torch.expm1(-loss)
@@ -177,25 +223,6 @@ def _queue(negatives: torch.Tensor, q_dtype: torch.dtype) -> torch.Tensor:
     copy = negatives.new_zeros((k, K.padded_width(d)))
     copy[:, :d] = negatives
     return copy
-
-
-def _queue_splits(n_rows: int, k_neg: int, block_m: int, block_n: int,
-                  device: torch.device) -> tuple[int, int]:
-    """(number of splits, tiles per split) of the queue: about two waves of programs."""
-    tiles = triton.cdiv(k_neg, block_n)
-    if tiles <= 1:
-        return 1, max(tiles, 1)
-    if device.type == "cuda":
-        target = 2 * _sm_count(device.index if device.index is not None
-                               else torch.cuda.current_device())
-    else:
-        target = 4  # interpreter: small, but enough to exercise the split path in tests
-    splits = min(tiles, triton.cdiv(target, triton.cdiv(n_rows, block_m)))
-    if device.type == "cuda":
-        # >= 4 tiles per split keeps the partial (N, D) write-backs a small overhead.
-        splits = min(splits, triton.cdiv(tiles, 4))
-    per_split = triton.cdiv(tiles, max(splits, 1))
-    return triton.cdiv(tiles, per_split), per_split
 
 
 def neg_fwd(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, inv_t: float,
@@ -228,27 +255,21 @@ def neg_fwd(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, inv_t: fl
 
         plan = K.neg_partial_plan(_name(q.dtype), _name(neg.dtype), d, need_grad, interp)
         c = plan.constexprs
-        splits, per_split = _queue_splits(n, k_neg, c["BLOCK_M"], c["BLOCK_N"], dev)
+        row_blocks = triton.cdiv(n, c["BLOCK_M"])
+        splits, per_split = _splits(row_blocks, k_neg, c["BLOCK_N"], dev)
         chunks = triton.cdiv(width, c["BLOCK_DV"]) if need_grad and not c["ONE_CHUNK"] else 1
         m_part = torch.empty((splits, n), dtype=acc, device=dev)
         l_part = torch.empty((splits, n), dtype=acc, device=dev)
         acc_part = (torch.empty((splits, n, width), dtype=acc, device=dev) if need_grad
                     else m_part)
         part_stride = width if need_grad else 0
-        _launch(plan, (triton.cdiv(n, c["BLOCK_M"]), splits, chunks),
+        _launch(plan, (row_blocks, splits, chunks),
                 qd, neg, rneg, m_part, l_part, acc_part, n, width, k_neg, per_split,
                 qd.stride(0), neg.stride(0) if k_neg else width, part_stride, float(inv_t),
                 bool(normalize))
 
-        loss = torch.empty(n, dtype=acc, device=dev)
-        lse_neg = torch.empty(n, dtype=acc, device=dev)
-        wsum = torch.empty((n, width) if need_grad else (0,), dtype=acc, device=dev)
-        cplan = K.neg_combine_plan(_name(q.dtype), need_grad, interp)
-        cc = cplan.constexprs
-        _launch(cplan, (triton.cdiv(n, cc["BLOCK_M"]),
-                        triton.cdiv(width, cc["BLOCK_D"]) if need_grad else 1),
-                l_pos, m_part, l_part, acc_part, loss, lse_neg, wsum if need_grad else loss,
-                n, width, splits, part_stride, width if need_grad else 0)
+        loss, lse_neg, wsum = _combine(l_pos, m_part, l_part, acc_part, width, need_grad,
+                                       q.dtype, interp)
         if need_grad and width != d:
             wsum = wsum[:, :d].contiguous()
         return loss, lse_neg, wsum
