@@ -346,17 +346,21 @@ def test_non_contiguous_inputs():
             assert_close(a, e, REL[torch.float32], inv_t)
 
 
-def test_neg_fwd_without_grad_returns_empty_wsum():
-    q = make(17, 33, torch.float32, True, 0)
-    k = make(17, 33, torch.float32, True, 1)
-    negatives = make(100, 32, torch.bfloat16, True, 2)
-    q, k = q[:, :32], k[:, :32]
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 32), (torch.bfloat16, 32),
+                                     (torch.bfloat16, 150)])
+def test_neg_fwd_without_grad_returns_empty_wsum(dtype, d):
+    # bf16 queries take the one-chunk (D <= 128) and chunked kernels without the weighted sum.
+    q = make(17, d, dtype, True, 0)
+    k = make(17, d, dtype, True, 1)
+    negatives = make(100, d, torch.bfloat16, True, 2)
     loss, lse_neg, wsum = tk.neg_fwd(q, k, negatives, 10.0, True, False)
     assert wsum.numel() == 0
     loss_g, lse_g, wsum_g = tk.neg_fwd(q, k, negatives, 10.0, True, True)
-    assert wsum_g.shape == (17, 32)
+    assert wsum_g.shape == (17, d)
     assert_close(loss, loss_g, 1e-6, 10.0)
     assert_close(lse_neg, lse_g, 1e-6, 10.0)
+    expected = ref.info_nce_negatives_rows(q.double(), k.double(), negatives.double(), 0.1)
+    assert_close(loss, expected, REL[torch.float32] if dtype == torch.float32 else 2e-3, 10.0)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="split heuristic differs on GPU")

@@ -123,6 +123,34 @@ def _load_rows(X, rows64, row_ok, offs, D, stride, DTYPE: tl.constexpr):
                    mask=row_ok[:, None] & (offs < D)[None, :], other=0.0).to(DTYPE)
 
 
+@triton.jit
+def _column_tile(A, a_tile, rows64, row_ok, B, cols64, col_ok, offs_v, D, stride_a, stride_b,
+                 ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr, WANT_V: tl.constexpr):
+    """Raw dots of the row block with columns ``cols`` of B, and (WANT_V) B[cols, offs_v], the
+    operand of a second dot, in A's dtype. With ONE_CHUNK, ``a_tile`` holds A[rows, :BLOCK_K]
+    and the one B tile loaded serves both (offs_v must then be the first BLOCK_K features)."""
+    dt = a_tile.dtype
+    if ONE_CHUNK:
+        v = _load_rows(B, cols64, col_ok, offs_v, D, stride_b, dt)
+        s = _dot(a_tile, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC))
+    else:
+        s = _logits_chunked(A, rows64, row_ok, B, cols64, col_ok, D, stride_a, stride_b,
+                            ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+        if WANT_V:
+            v = _load_rows(B, cols64, col_ok, offs_v, D, stride_b, dt)
+        else:
+            v = tl.zeros([BLOCK_N, BLOCK_K], dtype=dt)
+    return s, v
+
+
+@triton.jit
+def _split_range(split, tiles_per_split, total, BLOCK_N: tl.constexpr):
+    """Columns [lo, hi) of split ``split`` of ``total`` columns in splits of whole tiles."""
+    lo = split * tiles_per_split * BLOCK_N
+    return lo, tl.minimum(total, lo + tiles_per_split * BLOCK_N)
+
+
 # ---------------------------------------------------------------------------------------------
 # Two views
 
@@ -154,18 +182,13 @@ def _pair_lse_kernel(Z, M_PART, L_PART, N, D, tiles_per_split, stride_z, inv_t: 
 
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     l = tl.zeros([BLOCK_M], dtype=ACC)
-    n_lo = tl.program_id(1) * tiles_per_split * BLOCK_N
-    n_hi = tl.minimum(two_n, n_lo + tiles_per_split * BLOCK_N)
+    n_lo, n_hi = _split_range(tl.program_id(1), tiles_per_split, two_n, BLOCK_N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_hi
-        cols64 = cols.to(tl.int64)
-        if ONE_CHUNK:
-            b = _load_rows(Z, cols64, col_ok, offs_k, D, stride_z, dt)
-            s = _dot(a_tile, tl.trans(b), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC))
-        else:
-            s = _logits_chunked(Z, rows64, row_ok, Z, cols64, col_ok, D, stride_z, stride_z,
-                                ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+        s, _v = _column_tile(Z, a_tile, rows64, row_ok, Z, cols.to(tl.int64), col_ok, offs_k,
+                             D, stride_z, stride_z, ACC, BLOCK_M, BLOCK_N, BLOCK_K, ONE_CHUNK,
+                             False)
         s = tl.where(_pair_negative(rows, cols, col_ok, N), s * inv_t, float("-inf"))
         m, l, _p, _alpha = _online_lse(m, l, s)
     # A row without negatives in this range leaves m = -inf, l = 0 (N = 1: in every range).
@@ -194,8 +217,10 @@ def _pair_grad_kernel(Z, G, LSE, G_SCALE, DZN_PART, N, D, tiles_per_split, strid
     offs_v = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dt = Z.dtype.element_ty
     a_tile = tl.zeros([BLOCK_M, BLOCK_K], dtype=dt)
+    offs_b = offs_v  # the features of the column tile that the second dot reads
     if ONE_CHUNK:
         a_tile = _load_rows(Z, rows64, row_ok, offs_k, D, stride_z, dt)
+        offs_b = offs_k
     # G holds g / max|g| (G_SCALE = max|g|): the weights below are at most 2, and fp16 gets a
     # further 2^8 so that weights of ~1/(2N) * 1/(2N) stay out of its subnormals.
     if dt == tl.float16:
@@ -206,19 +231,13 @@ def _pair_grad_kernel(Z, G, LSE, G_SCALE, DZN_PART, N, D, tiles_per_split, strid
     lse_i = tl.load(LSE + rows, mask=row_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
-    n_lo = tl.program_id(2) * tiles_per_split * BLOCK_N
-    n_hi = tl.minimum(two_n, n_lo + tiles_per_split * BLOCK_N)
+    n_lo, n_hi = _split_range(tl.program_id(2), tiles_per_split, two_n, BLOCK_N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_hi
-        cols64 = cols.to(tl.int64)
-        if ONE_CHUNK:
-            z_j = _load_rows(Z, cols64, col_ok, offs_k, D, stride_z, dt)
-            s = _dot(a_tile, tl.trans(z_j), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC))
-        else:
-            s = _logits_chunked(Z, rows64, row_ok, Z, cols64, col_ok, D, stride_z, stride_z,
-                                ACC, BLOCK_M, BLOCK_N, BLOCK_K)
-            z_j = _load_rows(Z, cols64, col_ok, offs_v, D, stride_z, dt)
+        s, z_j = _column_tile(Z, a_tile, rows64, row_ok, Z, cols.to(tl.int64), col_ok, offs_b,
+                              D, stride_z, stride_z, ACC, BLOCK_M, BLOCK_N, BLOCK_K, ONE_CHUNK,
+                              True)
         # Masked before exp: those entries are exactly 0 and never inf * 0. Both softmax
         # weights are <= 1, so nothing overflows.
         s = tl.where(_pair_negative(rows, cols, col_ok, N), s * inv_t, float("-inf"))
@@ -272,26 +291,21 @@ def _neg_partial_kernel(Q, NEG, RNEG, M_PART, L_PART, ACC_PART, N, D, KNEG, tile
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     q_tile = tl.zeros([BLOCK_M, BLOCK_K], dtype=DOT)
+    offs_b = offs_v
     if ONE_CHUNK:
         q_tile = _load_rows(Q, rows64, row_ok, offs_k, D, stride_q, DOT)
+        offs_b = offs_k
 
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     l = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
-    n_lo = pid_s * tiles_per_split * BLOCK_N
-    n_hi = tl.minimum(KNEG, n_lo + tiles_per_split * BLOCK_N)
+    n_lo, n_hi = _split_range(pid_s, tiles_per_split, KNEG, BLOCK_N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_hi
-        cols64 = cols.to(tl.int64)
-        if ONE_CHUNK:
-            v = _load_rows(NEG, cols64, col_ok, offs_k, D, stride_neg, DOT)
-            s = _dot(q_tile, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC))
-        else:
-            s = _logits_chunked(Q, rows64, row_ok, NEG, cols64, col_ok, D, stride_q, stride_neg,
-                                ACC, BLOCK_M, BLOCK_N, BLOCK_K)
-            if NEED_WSUM:
-                v = _load_rows(NEG, cols64, col_ok, offs_v, D, stride_neg, DOT)
+        s, v = _column_tile(Q, q_tile, rows64, row_ok, NEG, cols.to(tl.int64), col_ok, offs_b,
+                            D, stride_q, stride_neg, ACC, BLOCK_M, BLOCK_N, BLOCK_K, ONE_CHUNK,
+                            NEED_WSUM)
         if normalize:
             r_neg = tl.load(RNEG + cols, mask=col_ok, other=0.0)
         else:
