@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from conftest import triton_interpreter_problem  # noqa: E402
 from sslkernels.info_nce import triton_available  # noqa: E402
 from sslkernels.reference import info_nce as ref  # noqa: E402
 
@@ -32,6 +33,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1 (triton imported before this module?)",
                 allow_module_level=True)
+if DEVICE == "cpu" and triton_interpreter_problem():
+    pytest.skip(triton_interpreter_problem(), allow_module_level=True)
 
 neg_bwd = torch.ops.sslkernels.info_nce_neg_bwd  # the one backward of the MoCo form
 
