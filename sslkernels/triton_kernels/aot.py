@@ -141,7 +141,7 @@ def mock_args(kernel, pointers: dict, aligned_ints: tuple, constexprs: dict,
         elif p.annotation_type == "fp64" or n.startswith("inv_"):
             args[n] = 0.5
         elif n == "normalize":
-            args[n] = True
+            args[n] = 1
         else:
             args[n] = 1001
     return args

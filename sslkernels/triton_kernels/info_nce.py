@@ -271,7 +271,7 @@ def _row_rnorm_kernel(X, OUT, R, D, stride_x, ACC: tl.constexpr, BLOCK_R: tl.con
     tl.store(OUT + rows, 1.0 / tl.maximum(tl.sqrt(ss), _EPS), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["N", "KNEG", "tiles_per_split"])
+@triton.jit(do_not_specialize=["N", "KNEG", "tiles_per_split", "normalize"])
 def _neg_partial_kernel(Q, NEG, RNEG, M_PART, L_PART, ACC_PART, N, D, KNEG, tiles_per_split,
                         stride_q, stride_neg, stride_part, inv_t: "fp64", normalize,
                         NEED_WSUM: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
@@ -281,7 +281,8 @@ def _neg_partial_kernel(Q, NEG, RNEG, M_PART, L_PART, ACC_PART, N, D, KNEG, tile
     # (N ~ 256) and a long queue (K ~ 65536): splitting the queue is what fills the GPU. Q holds
     # the normalized queries in the DOT dtype; the queue is read in place in its own dtype, and
     # RNEG holds its rows' 1/max(||n_j||, eps) when normalizing (one O(K*D) pass by the
-    # launcher: forming the norms here would keep an fp32 copy of every tile live). With
+    # launcher: forming the norms here would keep an fp32 copy of every tile live); normalize
+    # is an int, not a bool (triton 3.6's interpreter cannot pass bools). With
     # NEED_WSUM each program also accumulates its feature chunk of sum_j exp(S_ij - m) Qn_j.
     inv_t = tl.full([], inv_t, ACC)
     pid_s = tl.program_id(1)
@@ -306,7 +307,7 @@ def _neg_partial_kernel(Q, NEG, RNEG, M_PART, L_PART, ACC_PART, N, D, KNEG, tile
         s, v = _column_tile(Q, q_tile, rows64, row_ok, NEG, cols.to(tl.int64), col_ok, offs_b,
                             D, stride_q, stride_neg, ACC, BLOCK_M, BLOCK_N, BLOCK_K, ONE_CHUNK,
                             NEED_WSUM)
-        if normalize:
+        if normalize != 0:
             r_neg = tl.load(RNEG + cols, mask=col_ok, other=0.0)
         else:
             r_neg = tl.full([BLOCK_N], 1.0, ACC)

@@ -266,7 +266,7 @@ def neg_fwd(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, inv_t: fl
         _launch(plan, (row_blocks, splits, chunks),
                 qd, neg, rneg, m_part, l_part, acc_part, n, width, k_neg, per_split,
                 qd.stride(0), neg.stride(0) if k_neg else width, part_stride, float(inv_t),
-                bool(normalize))
+                int(bool(normalize)))
 
         loss, lse_neg, wsum = _combine(l_pos, m_part, l_part, acc_part, width, need_grad,
                                        q.dtype, interp)
