@@ -33,25 +33,30 @@ struct Facts {
   int64_t dim;
   caffe2::TypeMeta dtype;
   at::Device device;
-  bool target;  // a lerp target: must still not require grad
+  bool target;  // a target (averaged or copied): must still not require grad
 };
 
 // The address of a tensor's first element, read without the checks of data_ptr() (the plan
-// takes plain tensors with storage only) and without touching copy-on-write state.
-const void* first_element(const c10::TensorImpl* impl) {
+// takes plain tensors with storage only) and without touching copy-on-write state. `last`
+// caches the data pointer of the previous tensor's storage: the tensors of a flat buffer share
+// one, which is then read once.
+const void* first_element(const c10::TensorImpl* impl,
+                          std::pair<const c10::StorageImpl*, const void*>& last) {
   const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
   if (storage == nullptr) return nullptr;
-  return static_cast<const char*>(storage->data()) +
+  if (storage != last.first) last = {storage, storage->data()};
+  return static_cast<const char*>(last.second) +
          impl->storage_offset() * static_cast<int64_t>(impl->dtype().itemsize());
 }
 
-bool same(const c10::TensorImpl* impl, const Facts& f, const int64_t* shape) {
+bool same(const c10::TensorImpl* impl, const Facts& f, const int64_t* shape,
+          std::pair<const c10::StorageImpl*, const void*>& last) {
   if (impl->dtype() != f.dtype || impl->device() != f.device || impl->dim() != f.dim)
     return false;
   const c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
   for (int64_t d = 0; d < f.dim; ++d)
     if (sizes[d] != shape[d] || strides[d] != shape[f.dim + d]) return false;
-  return first_element(impl) == f.data && !(f.target && impl->requires_grad());
+  return first_element(impl, last) == f.data && !(f.target && impl->requires_grad());
 }
 
 // Pairs of the kernels that are adjacent in memory on both sides (the parameters of two modules
@@ -88,7 +93,7 @@ std::vector<at::Tensor> unpack(const py::handle& seq, const char* what) {
   return out;
 }
 
-constexpr size_t kAhead = 4;  // tensors between the prefetch stages of a step's checks
+constexpr size_t kAhead = 8;  // tensors between the prefetch stages of a step's checks
 
 class Plan {
  public:
@@ -96,7 +101,13 @@ class Plan {
   // step copies (buffers), which the caller has checked. Every tensor must be a plain CPU or
   // CUDA tensor (sslkernels/ema.py sends anything else through the op).
   Plan(const py::handle& target, const py::handle& online, const py::handle& copy_target,
-       const py::handle& copy_online) {
+       const py::handle& copy_online, const py::tuple& containers) {
+    for (const py::handle& c : containers) {
+      TORCH_CHECK_TYPE(PyDict_Check(c.ptr()) || PyList_Check(c.ptr()),
+                       "EmaPlan: a container must be a dict or a list");
+      sizes_.push_back(py::len(c));
+      total_ += sizes_.back();
+    }
     const std::vector<at::Tensor> lt = unpack(target, "target");
     const std::vector<at::Tensor> lo = unpack(online, "online");
     const std::vector<at::Tensor> ct = unpack(copy_target, "buffer target");
@@ -113,8 +124,9 @@ class Plan {
       for (const at::Tensor& t : *list) {
         TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(),
                     "EmaPlan: tensors must be on CPU or CUDA, got ", t.device());
-        facts_.push_back({first_element(t.unsafeGetTensorImpl()), shapes_.size(), t.dim(),
-                          t.dtype(), t.device(), list == &lt});
+        std::pair<const c10::StorageImpl*, const void*> none{nullptr, nullptr};
+        facts_.push_back({first_element(t.unsafeGetTensorImpl(), none), shapes_.size(), t.dim(),
+                          t.dtype(), t.device(), list == &lt || list == &ct});
         shapes_.insert(shapes_.end(), t.sizes().begin(), t.sizes().end());
         shapes_.insert(shapes_.end(), t.strides().begin(), t.strides().end());
       }
@@ -122,15 +134,19 @@ class Plan {
   }
 
   // One EMA step with weight 1 - momentum. `tensors` is the tuple target + online +
-  // copy_target + copy_online of the tensors the plan was built from; `guards` is a flat tuple
-  // (container, expected, container, expected, ...): each container (a dict, list or tuple) must
-  // still hold exactly the objects of the tuple `expected`, in order. Returns false, having
-  // written nothing, when a guard or a tensor's facts changed.
-  bool step(const py::tuple& tensors, const py::tuple& guards, double weight) {
+  // copy_target + copy_online of the tensors the plan was built from; `containers` are the
+  // dicts and lists given at build time, which must still hold exactly the objects of
+  // `expected` (their values then, end to end), in order. Returns false, having written
+  // nothing, when a container or a tensor's facts changed.
+  bool step(const py::tuple& tensors, const py::tuple& containers, const py::tuple& expected,
+            double weight) {
     TORCH_CHECK_VALUE(std::isfinite(weight) && weight >= 0.0 && weight <= 1.0,
                       "weight (1 - momentum) must be in [0, 1], got ", weight);
-    if (!containers_unchanged(guards.ptr()) || !tensors_unchanged(tensors.ptr())) return false;
+    if (!containers_unchanged(containers.ptr(), expected.ptr()) ||
+        !tensors_unchanged(tensors.ptr()))
+      return false;
     PyObject* const* items = &PyTuple_GET_ITEM(tensors.ptr(), 0);
+    at::NoGradGuard no_grad;  // the strided pairs and the copies go through ATen
     {
       py::gil_scoped_release no_gil;  // the objects stay alive: the caller holds `tensors`
       run(items, weight);
@@ -152,26 +168,25 @@ class Plan {
   size_t num_pairs() const { return checked_.pairs.size() + checked_.strided.size(); }
 
  private:
-  static bool containers_unchanged(PyObject* guards) {
-    const Py_ssize_t n = PyTuple_GET_SIZE(guards);
-    for (Py_ssize_t g = 0; g + 1 < n; g += 2) {
-      PyObject* container = PyTuple_GET_ITEM(guards, g);
-      PyObject* expected = PyTuple_GET_ITEM(guards, g + 1);
-      const Py_ssize_t size = PyTuple_GET_SIZE(expected);
-      if (PyDict_Check(container)) {
-        if (PyDict_GET_SIZE(container) != size) return false;
-        Py_ssize_t pos = 0, i = 0;
+  bool containers_unchanged(PyObject* containers, PyObject* expected) const {
+    const Py_ssize_t n = PyTuple_GET_SIZE(containers);
+    if (n != static_cast<Py_ssize_t>(sizes_.size()) || PyTuple_GET_SIZE(expected) != total_)
+      return false;
+    PyObject* const* want = &PyTuple_GET_ITEM(expected, 0);
+    for (Py_ssize_t k = 0; k < n; ++k) {
+      if (k + static_cast<Py_ssize_t>(kAhead) < n)
+        __builtin_prefetch(PyTuple_GET_ITEM(containers, k + kAhead));
+      PyObject* c = PyTuple_GET_ITEM(containers, k);
+      if (PyDict_Check(c)) {
+        if (PyDict_GET_SIZE(c) != sizes_[k]) return false;
+        Py_ssize_t pos = 0;
         PyObject *key, *value;
-        while (PyDict_Next(container, &pos, &key, &value))
-          if (value != PyTuple_GET_ITEM(expected, i++)) return false;
+        while (PyDict_Next(c, &pos, &key, &value))
+          if (value != *want++) return false;
       } else {
-        PyObject* fast = PySequence_Fast(container, "EmaPlan: a guard must be a dict or a list");
-        if (!fast) throw py::error_already_set();
-        const py::object hold = py::reinterpret_steal<py::object>(fast);
-        if (PySequence_Fast_GET_SIZE(fast) != size) return false;
-        PyObject** items = PySequence_Fast_ITEMS(fast);
-        for (Py_ssize_t i = 0; i < size; ++i)
-          if (items[i] != PyTuple_GET_ITEM(expected, i)) return false;
+        if (!PyList_Check(c) || PyList_GET_SIZE(c) != sizes_[k]) return false;
+        for (Py_ssize_t i = 0; i < sizes_[k]; ++i)
+          if (PyList_GET_ITEM(c, i) != *want++) return false;
       }
     }
     return true;
@@ -182,6 +197,7 @@ class Plan {
     if (PyTuple_GET_SIZE(tensors) != static_cast<Py_ssize_t>(facts_.size())) return false;
     PyObject* const* items = &PyTuple_GET_ITEM(tensors, 0);
     const size_t n = facts_.size();
+    std::pair<const c10::StorageImpl*, const void*> last{nullptr, nullptr};
     for (size_t i = 0; i < n; ++i) {
       // The metadata of thousands of tensors is rarely in cache after a pass over their data:
       // fetch each level (Python object, TensorImpl, StorageImpl and autograd metadata) a few
@@ -191,14 +207,15 @@ class Plan {
         prefetch_impl(THPVariable_Unpack(items[i + 2 * kAhead]));
       if (i + kAhead < n && THPVariable_CheckExact(items[i + kAhead])) {
         const c10::TensorImpl* impl = THPVariable_Unpack(items[i + kAhead]).unsafeGetTensorImpl();
-        __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+        const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
+        if (storage != last.first) __builtin_prefetch(storage);
         if (facts_[i + kAhead].target && impl->autograd_meta())
           __builtin_prefetch(impl->autograd_meta());
       }
       // swap_tensors swaps __class__ too
       if (!THPVariable_CheckExact(items[i]) ||
           !same(THPVariable_Unpack(items[i]).unsafeGetTensorImpl(), facts_[i],
-                shapes_.data() + facts_[i].shape))
+                shapes_.data() + facts_[i].shape, last))
         return false;
     }
     return true;
@@ -223,6 +240,8 @@ class Plan {
   Checked checked_;  // the pairs (coalesced) and strided indices check_lists found
   std::vector<Facts> facts_;
   std::vector<int64_t> shapes_;
+  std::vector<Py_ssize_t> sizes_;  // of each container at build time
+  Py_ssize_t total_ = 0;           // their sum
   size_t n_lerp_ = 0, n_copy_ = 0;
 };
 
@@ -231,10 +250,11 @@ class Plan {
 void bind_plan(py::module_& m) {
   py::class_<Plan>(m, "EmaPlan",
                    "The prepared step of sslkernels.EMA (see csrc/ema_plan.cpp).")
-      .def(py::init<py::handle, py::handle, py::handle, py::handle>(),
-           py::arg("target"), py::arg("online"), py::arg("copy_target"),
-           py::arg("copy_online"))
-      .def("step", &Plan::step, py::arg("tensors"), py::arg("guards"), py::arg("weight"))
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::tuple>(),
+           py::arg("target"), py::arg("online"), py::arg("copy_target"), py::arg("copy_online"),
+           py::arg("containers"))
+      .def("step", &Plan::step, py::arg("tensors"), py::arg("containers"), py::arg("expected"),
+           py::arg("weight"))
       .def_property_readonly("num_pairs", &Plan::num_pairs,
                              "Pairs the kernel streams (adjacent ones coalesced).");
   m.def(

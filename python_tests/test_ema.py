@@ -206,6 +206,21 @@ def test_no_autograd_history_and_version_bump(how):
     assert all(p.requires_grad and p.grad is None for p in online.parameters())
 
 
+def test_strided_pair_records_no_history():
+    """A pair the kernels do not stream (a transposed target) goes through ATen's lerp: still no
+    history, even with grad mode on and an online tensor that requires grad."""
+    t = [torch.randn(9, 13).t(), torch.zeros(4)]
+    o = [torch.randn(13, 9, requires_grad=True), torch.ones(4, requires_grad=True)]
+    expect = [x.detach().clone() for x in t]
+    torch._foreach_lerp_(expect, [x.detach() for x in o], 0.5)
+    torch._foreach_lerp_(expect, [x.detach() for x in o], 0.5)
+    ema = EMA(t, o, 0.5)
+    ema.update()
+    ema.update()
+    assert all(x.grad_fn is None and not x.requires_grad for x in t)
+    assert all(bits_equal(x, e) for x, e in zip(t, expect))
+
+
 def test_version_check_catches_update_of_saved_target():
     """A target saved for backward and then updated: autograd refuses, as after any in-place op."""
     target, online = make_pair()

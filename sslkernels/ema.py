@@ -293,13 +293,15 @@ class EMA:
             _run(_pairs(self.target, self.online, self.buffers, "EMA"), weight, self.backend,
                  "EMA")
             return
+        # the prepared step records no autograd history: it writes through the kernels and
+        # bumps the targets' versions itself
+        if self._plan is not None and self._plan.step(*self._watched, weight):
+            return
         with torch.no_grad():
-            if self._plan is not None and self._plan.step(self._tensors, self._guards, weight):
-                return
             self._prepare()
             if self._plan is None:
                 _run(self._pairs, weight, self.backend, "EMA")
-            elif not self._plan.step(self._tensors, self._guards, weight):
+            elif not self._plan.step(*self._watched, weight):
                 raise RuntimeError("EMA: internal error: a freshly prepared update was refused")
 
     def state_dict(self) -> dict:
@@ -318,7 +320,7 @@ class EMA:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._plan, self._pairs, self._tensors, self._guards = None, None, (), ()
+        self._plan, self._pairs, self._watched = None, None, ()
 
     def __repr__(self) -> str:
         kind = "modules" if isinstance(self.target, nn.Module) else "tensors"
@@ -342,25 +344,24 @@ class EMA:
         plain = self.backend != "reference" and all(
             type(t) in _PLAIN and t.device.type in ("cpu", "cuda") and not t.is_inference()
             for t in tensors)
-        self._plan = (_ext._C.EmaPlan(pairs.lerp_t, pairs.lerp_o, pairs.copy_t, pairs.copy_o)
-                      if plain else None)
-        self._pairs, self._tensors, self._guards = pairs, tensors, self._containers()
+        containers = self._containers()
+        expected = tuple(v for c in containers for v in (c.values() if isinstance(c, dict) else c))
+        self._plan = (_ext._C.EmaPlan(pairs.lerp_t, pairs.lerp_o, pairs.copy_t, pairs.copy_o,
+                                      containers) if plain else None)
+        # what the plan's step checks: the tensors, and the containers holding what they held
+        self._pairs, self._watched = pairs, (tensors, containers, expected)
 
     def _containers(self) -> tuple:
-        """(container, its values, ...) for every container the prepared update depends on: the
-        parameter, submodule and buffer dicts of every module, or the lists given."""
+        """Every container whose contents the prepared update depends on: the parameter,
+        submodule and buffer dicts of every module, or the lists given."""
+        if not isinstance(self.target, nn.Module):
+            return tuple(seq for seq in (self.target, self.online) if isinstance(seq, list))
         out: list = []
-        if isinstance(self.target, nn.Module):
-            for module in (self.target, self.online):
-                for m in module.modules():
-                    out += [m._parameters, tuple(m._parameters.values()),
-                            m._modules, tuple(m._modules.values())]
-                    if self.buffers != "skip":
-                        out += [m._buffers, tuple(m._buffers.values())]
-        else:
-            for seq in (self.target, self.online):
-                if isinstance(seq, list):
-                    out += [seq, tuple(seq)]
+        for module in (self.target, self.online):
+            for m in module.modules():
+                out += [m._parameters, m._modules]
+                if self.buffers != "skip":
+                    out.append(m._buffers)
         return tuple(out)
 
 
