@@ -173,9 +173,18 @@ class Plan {
     if (n != static_cast<Py_ssize_t>(sizes_.size()) || PyTuple_GET_SIZE(expected) != total_)
       return false;
     PyObject* const* want = &PyTuple_GET_ITEM(expected, 0);
+    const Py_ssize_t ahead = kAhead;
     for (Py_ssize_t k = 0; k < n; ++k) {
-      if (k + static_cast<Py_ssize_t>(kAhead) < n)
-        __builtin_prefetch(PyTuple_GET_ITEM(containers, k + kAhead));
+      // as for the tensors: the container objects, then their tables, ahead of use
+      if (k + 2 * ahead < n) __builtin_prefetch(PyTuple_GET_ITEM(containers, k + 2 * ahead));
+      if (k + ahead < n) {
+        PyObject* next = PyTuple_GET_ITEM(containers, k + ahead);
+        const char* table = PyDict_Check(next)
+            ? reinterpret_cast<const char*>(reinterpret_cast<PyDictObject*>(next)->ma_keys)
+            : reinterpret_cast<const char*>(reinterpret_cast<PyListObject*>(next)->ob_item);
+        __builtin_prefetch(table);
+        __builtin_prefetch(table + 64);
+      }
       PyObject* c = PyTuple_GET_ITEM(containers, k);
       if (PyDict_Check(c)) {
         if (PyDict_GET_SIZE(c) != sizes_[k]) return false;
