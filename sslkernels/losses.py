@@ -1,7 +1,10 @@
-"""Drop-in loss modules built on :func:`sslkernels.fused_info_nce`.
+"""Drop-in loss modules built on :func:`sslkernels.fused_info_nce` and
+:func:`sslkernels.fused_supcon`.
 
 ``NTXentLoss`` takes the constructor arguments of ``lightly.loss.NTXentLoss`` so that swapping
-the import is the whole migration; ``InfoNCELoss`` is the MoCo-style query/key(/negatives) form.
+the import is the whole migration; ``InfoNCELoss`` is the MoCo-style query/key(/negatives) form;
+``SupConLoss`` takes the arguments and inputs of the popular supervised contrastive loss
+(HobbitLong/SupContrast) and also serves SimCLR with more than two views.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from torch import nn
 
 from . import _validate
 from .info_nce import fused_info_nce
+from .supcon import fused_supcon
 from .queue import NegativeQueue
 
 
@@ -164,3 +168,72 @@ class InfoNCELoss(nn.Module):
                               normalize=self.normalize, reduction=self.reduction,
                               backend=self.backend)
 
+
+class SupConLoss(nn.Module):
+    r"""Supervised contrastive loss (Khosla et al. 2020, :math:`\mathcal{L}_{out}`) and SimCLR
+    with V views, fused (see :func:`sslkernels.fused_supcon` for the equation).
+
+    Inputs as HobbitLong/SupContrast's ``SupConLoss`` (``contrast_mode="all"``):
+    ``loss_fn(features, labels)`` with ``features`` (B, V, D) - V views of B samples (extra
+    trailing dims are flattened) - and optional ``labels`` (B,): without labels each sample is
+    its own class, i.e. SimCLR with V views; with labels, the positives of a view are every other
+    view of every sample of its class. The rows are the views stacked view-major
+    (``torch.cat(torch.unbind(features, 1))``), which is also the order of
+    ``reduction="none"``. ``features`` (M, D) with ``labels`` (M,) gives the rows directly.
+
+    The loss is scaled by ``temperature / base_temperature`` as in SupContrast (1 with the
+    defaults); rows are L2-normalized inside unless ``normalize=False`` (SupContrast expects
+    normalized features: pass them either way). A row whose label occurs nowhere else has no
+    positive: it is left out of the mean (SupContrast counts it as 0; with V >= 2 views every
+    row has positives and the two agree).
+
+    Args:
+        temperature: :math:`\tau > 0` (SupContrast's default 0.07).
+        base_temperature: the scale's denominator (default 0.07); ``None``: no scaling.
+        contrast_mode: ``"all"`` (every view is an anchor), the only mode.
+        normalize, reduction, backend, gather_distributed: as :func:`fused_supcon`.
+    """
+
+    def __init__(self, temperature: float = 0.07, contrast_mode: str = "all",
+                 base_temperature: float | None = 0.07, normalize: bool = True,
+                 reduction: str = "mean", backend: str | None = None,
+                 gather_distributed: bool = False):
+        super().__init__()
+        self.temperature = _validate.positive("temperature", temperature)
+        if contrast_mode != "all":
+            raise ValueError(f"contrast_mode must be 'all' (every view an anchor), got "
+                             f"{contrast_mode!r}")
+        self.scale = 1.0 if base_temperature is None else (
+            self.temperature / _validate.positive("base_temperature", base_temperature))
+        self.normalize = bool(normalize)
+        self.reduction = _validate.choice("reduction", reduction, ("mean", "sum", "none"))
+        self.backend = backend
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this torch "
+                             "build does not have; pass gather_distributed=False")
+        self.gather_distributed = bool(gather_distributed)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _validate.tensor("features", features)
+        if features.dim() >= 3:
+            b, v = features.shape[:2]
+            z = features.reshape(b, v, -1).transpose(0, 1).reshape(v * b, -1)
+            if labels is None:
+                labels = torch.arange(b, device=features.device)
+            elif not isinstance(labels, torch.Tensor) or labels.shape != (b,):
+                raise ValueError(f"labels must be a (B,) = ({b},) tensor for features of shape "
+                                 f"{tuple(features.shape)}, got "
+                                 f"{getattr(labels, 'shape', type(labels).__name__)}")
+            labels = labels.repeat(v)
+        elif features.dim() == 2:
+            if labels is None:
+                raise ValueError("features (M, D) need labels (M,); pass (B, V, D) features "
+                                 "for the views of B samples without labels")
+            z = features
+        else:
+            raise ValueError(f"features must be (B, V, D) or (M, D), got shape "
+                             f"{tuple(features.shape)}")
+        loss = fused_supcon(z, labels, temperature=self.temperature, normalize=self.normalize,
+                            reduction=self.reduction, backend=self.backend,
+                            gather_distributed=self.gather_distributed)
+        return loss * self.scale if self.scale != 1.0 else loss

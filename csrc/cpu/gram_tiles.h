@@ -235,6 +235,25 @@ struct GramTiles {
   }
 };
 
+// Merges the row-wise statistics of a (ra x rb) tile of blocks starting at rows a0 and b0 into
+// the running states (m, l) of its rows and, off the diagonal (the tile stands for its mirror
+// too), its column-wise statistics into the states of its columns. Entries that must not count
+// are -inf.
+template <typename T>
+void merge_tile_stats(const T* x, int64_t a0, int64_t ra, int64_t b0, int64_t rb, bool diagonal,
+                      T* m, T* l) {
+  for (int64_t i = 0; i < ra; ++i) {
+    T mt, lt;
+    row_stats(x + i * rb, rb, mt, lt);
+    lse_merge(m[a0 + i], l[a0 + i], mt, lt);
+  }
+  if (!diagonal) {
+    std::vector<T> cm(rb), cl(rb);
+    col_stats(x, ra, rb, rb, cm.data(), cl.data());
+    for (int64_t j = 0; j < rb; ++j) lse_merge(m[b0 + j], l[b0 + j], cm[j], cl[j]);
+  }
+}
+
 // Applies coef(s, i, j) to every entry of a (ra x rb) tile in place, vectorized over j, where
 // coef gets the entry and the tile-local row and column: the backward pass's map from logits
 // to gradient coefficients.

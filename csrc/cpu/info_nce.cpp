@@ -26,7 +26,6 @@ namespace sslk {
 namespace info_nce {
 namespace {
 
-using gram::col_stats;
 using gram::GramTiles;
 using gram::row_stats;
 using gram::Vec;
@@ -71,16 +70,7 @@ void pair_stats(const at::Tensor& padded, int64_t rows, double inv_t, T* m, T* l
     const int64_t ra = tiles.len(a), rb = tiles.len(b), a0 = tiles.start(a), b0 = tiles.start(b);
     read_positives(x, a0, ra, b0, rb, rows, pos);
     mask_non_negatives(x, a0, ra, b0, rb, rows, -std::numeric_limits<T>::infinity());
-    for (int64_t i = 0; i < ra; ++i) {
-      T mt, lt;
-      row_stats(x + i * rb, rb, mt, lt);
-      lse_merge(m[a0 + i], l[a0 + i], mt, lt);
-    }
-    if (a != b) {
-      std::vector<T> cm(rb), cl(rb);
-      col_stats(x, ra, rb, rb, cm.data(), cl.data());
-      for (int64_t j = 0; j < rb; ++j) lse_merge(m[b0 + j], l[b0 + j], cm[j], cl[j]);
-    }
+    gram::merge_tile_stats(x, a0, ra, b0, rb, a == b, m, l);
   });
 }
 
