@@ -182,7 +182,8 @@ def test_ntxent_bank_size_forms():
 
 def _sweep_inputs(kind, n, d, k, g):
     v = torch.randn(1, d, generator=g)
-    if kind == "collinear":  # power-of-two multiples of one row: exactly collinear in float32
+    if kind in ("collinear", "collinear_tiny"):  # power-of-two multiples of one row: exactly
+        v = v * 1e-6 if kind == "collinear_tiny" else v  # collinear in float32
         z0 = v * 2.0 ** torch.randint(-3, 4, (n, 1), generator=g).float()
         z1 = v * 2.0 ** torch.randint(-3, 4, (n, 1), generator=g).float()
         bank = F.normalize(v, dim=1).expand(k, d).contiguous()
@@ -218,7 +219,8 @@ SWEEP_BANKS = [0, 1, 3, 64]  # 1 and 3 are smaller than most batches; 64 a full 
 SWEEP_TEMPS = [0.01, 0.07, 0.5, 2.0, 10.0]
 
 
-@pytest.mark.parametrize("kind", ["collinear", "collinear_scaled", "duplicates", "random"])
+@pytest.mark.parametrize("kind", ["collinear", "collinear_tiny", "collinear_scaled", "duplicates",
+                                  "random"])
 def test_ntxent_float32_at_least_as_accurate_as_lightly(kind):
     """Relative error of the float32 loss against the float64 value of lightly's formulation,
     over a seeded sweep of temperatures 0.01-10, batch sizes, widths and banks (none, smaller

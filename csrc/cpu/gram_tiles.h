@@ -3,16 +3,20 @@
 //
 // Rows are cut into blocks of kTile and each unordered pair of blocks (I, J) is one GEMM tile
 // that serves both row block I (row-wise reductions) and row block J (column-wise reductions)
-// because S is symmetric. Pairs run in round-robin rounds in which no block appears twice, so
-// the threads of a round write disjoint rows: no atomics, no per-thread copies of the gradient,
-// O(M*D) memory. Also here: the vectorized row / column log-sum-exp statistics of a tile.
+// because S is symmetric. Pairs follow a round-robin schedule in which no block appears twice
+// per round, and a pair waits only for the earlier pairs that share one of its blocks, so
+// concurrent tiles write disjoint rows: no atomic adds, no per-thread copies of the gradient,
+// O(M*D) memory, the same result on every run. Also here: the vectorized row / column log-sum-exp statistics of a tile.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "info_nce.h"
@@ -216,22 +220,46 @@ struct GramTiles {
     return s;
   }
 
-  // Runs fn(buf, a, b) on every block pair a <= b: the diagonal blocks in one parallel round,
-  // then the round-robin rounds, with a barrier between rounds.
+  // Runs fn(buf, a, b) on every block pair a <= b, in the order of the schedule (the diagonal
+  // tiles, then the round-robin rounds). The threads take the pairs one by one from a shared
+  // counter, and a pair starts once the pairs before it that touch its blocks are done: each
+  // block's rows are written by one tile at a time and always in the schedule's order (so the
+  // result does not depend on the timing: bitwise reproducible), without a barrier between
+  // rounds (a descheduled thread on a busy machine stalls only the pairs that need its blocks).
   template <typename Fn>
   void for_each_pair(const Fn& fn) const {
     const int64_t T_ = blocks();
-    auto opts = padded.options();
-    at::parallel_for(0, T_, 1, [&](int64_t b0, int64_t b1) {
-      at::Tensor buf = at::empty({kTile * kTile}, opts);
-      for (int64_t b = b0; b < b1; ++b) fn(buf, b, b);
-    });
-    for (const auto& round : round_robin(T_)) {
-      at::parallel_for(0, (int64_t)round.size(), 1, [&](int64_t p0, int64_t p1) {
-        at::Tensor buf = at::empty({kTile * kTile}, opts);
-        for (int64_t p = p0; p < p1; ++p) fn(buf, round[p].first, round[p].second);
-      });
+    std::vector<std::pair<int64_t, int64_t>> tasks;
+    for (int64_t b = 0; b < T_; ++b) tasks.emplace_back(b, b);
+    for (const auto& round : round_robin(T_)) tasks.insert(tasks.end(), round.begin(), round.end());
+    const int64_t n_tasks = (int64_t)tasks.size();
+    // need[t]: how many earlier tasks touch each of task t's two blocks.
+    std::vector<std::pair<int64_t, int64_t>> need(n_tasks);
+    std::vector<int64_t> seen(T_, 0);
+    for (int64_t t = 0; t < n_tasks; ++t) {
+      const auto [a, b] = tasks[t];
+      need[t] = {seen[a], seen[b]};
+      ++seen[a];
+      if (b != a) ++seen[b];
     }
+    std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[T_]);
+    for (int64_t b = 0; b < T_; ++b) done[b].store(0);
+    std::atomic<int64_t> next{0};
+    auto opts = padded.options();
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      at::Tensor buf = at::empty({kTile * kTile}, opts);
+      for (int64_t t; (t = next.fetch_add(1)) < n_tasks;) {
+        const auto [a, b] = tasks[t];
+        // Tasks are taken in order, so the ones waited for are already running: no deadlock.
+        while (done[a].load(std::memory_order_acquire) < need[t].first ||
+               done[b].load(std::memory_order_acquire) < need[t].second)
+          std::this_thread::yield();
+        fn(buf, a, b);
+        done[a].fetch_add(1, std::memory_order_release);
+        if (b != a) done[b].fetch_add(1, std::memory_order_release);
+      }
+    });
   }
 };
 
