@@ -138,10 +138,12 @@ def _loss_checks(rank):
 
 
 def _bank_run(z0, z1, gather):
-    """Two calls of NTXentLoss with a memory bank (the MoCo form): losses and the bank."""
+    """Two training calls of NTXentLoss with a memory bank (the MoCo form): losses and the bank.
+    The outputs require a gradient, so each call feeds the bank (lightly's update rule)."""
     torch.manual_seed(2)
     crit = NTXentLoss(temperature=TEMPERATURE, memory_bank_size=(10, D), gather_distributed=gather)
-    losses = torch.stack([crit(z0, z1), crit(z1, z0)])
+    z0, z1 = z0.clone().requires_grad_(), z1.clone().requires_grad_()
+    losses = torch.stack([crit(z0, z1), crit(z1, z0)]).detach()
     return losses, crit.bank.state_dict()
 
 
@@ -281,6 +283,7 @@ def test_gathered_supcon_equals_the_global_batch(ranks, dtype, backend):
 
 def test_memory_bank_is_fed_every_rank_and_matches_one_process(ranks):
     losses, bank = _bank_run(*_global_views(torch.float64), False)
+    assert int(bank["ptr"]) == (2 * WORLD * N) % 10  # fed twice with the global batch
     rank_losses = torch.stack([r["loss"]["bank"][0] for r in ranks])
     torch.testing.assert_close(rank_losses.mean(0), losses)
     for r in ranks:
