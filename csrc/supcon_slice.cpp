@@ -73,6 +73,7 @@ std::tuple<at::Tensor, at::Tensor> slice_fwd(const at::Tensor& keys, const at::T
                                              bool normalize) {
   const Slice sl{offset, n};
   check_slice(keys, labels, sl);
+  const at::NoTF32Guard exact_fp32;  // ATen GEMMs on any device: no TF32 for fp32 (see info_nce)
   UnitRows u = info_nce::unit_rows({keys}, normalize, acc_dtype(keys));
   at::Tensor q = u.x.narrow(0, offset, n);
   at::Tensor row_labels = labels.narrow(0, offset, n);
@@ -96,6 +97,7 @@ at::Tensor slice_bwd(const at::Tensor& grad_loss, const at::Tensor& keys, const 
   TORCH_CHECK(grad_loss.numel() == n && loss.numel() == n && lse.numel() == n,
               "grad_loss, loss and lse must have n = ", n, " elements");
   const auto acc = acc_dtype(keys);
+  const at::NoTF32Guard exact_fp32;
   UnitRows u = info_nce::unit_rows({keys}, normalize, acc);
   at::Tensor q = u.x.narrow(0, offset, n);
   at::Tensor row_labels = labels.narrow(0, offset, n);

@@ -431,8 +431,8 @@ class TestBadInput:
             fused_info_nce(self.z, self.z, reduction="avg")
         with pytest.raises(ValueError, match="backend must be one of"):
             fused_info_nce(self.z, self.z, backend="tpu")
-        with pytest.raises(ValueError, match="GPU implementation of fused_info_nce is "
-                                             "backend='triton'"):
+        with pytest.raises(ValueError, match="GPU implementation of the fused InfoNCE losses "
+                                             "is backend='triton'"):
             fused_info_nce(self.z, self.z, backend="cuda")
 
 

@@ -200,7 +200,7 @@ def test_torch_compile_inductor_module():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_gives_the_reference_results():
+def test_cuda_matches_the_reference():
     (z,) = _inputs(50, 12, torch.float32, "cuda", seed=23, count=1)
     y = _labels("mixed", 50, seed=3).cuda()
     a, b = z.clone().requires_grad_(), z.clone().requires_grad_()

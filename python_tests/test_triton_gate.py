@@ -55,7 +55,8 @@ def test_every_specialization_compiles_without_spills(tmp_path):
     names = {r["name"] for r in results}
     # Every kernel family is in it, for every input dtype.
     for dt in ("float16", "bfloat16", "float32", "float64"):
-        for family in ("pair_lse", "pair_grad", "neg_partial", "row_rnorm"):
+        for family in ("pair_lse", "pair_grad", "neg_partial", "row_rnorm", "supcon_fwd",
+                       "supcon_grad"):
             assert any(n.startswith(f"{family}[{dt}") for n in names), (family, dt)
     # Half-precision dots run on tensor cores: warpgroup MMA on sm_90.
     half = [r for r in results if r["half"] and r["arch"] == 90]

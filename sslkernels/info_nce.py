@@ -235,8 +235,8 @@ def _warn_no_triton() -> None:
 
 def _check_backend(backend: str, device: torch.device) -> None:
     if backend == "cuda":
-        raise ValueError("backend='cuda': the GPU implementation of fused_info_nce is "
-                         "backend='triton' (the default for CUDA tensors)")
+        raise ValueError("backend='cuda': the GPU implementation of the fused InfoNCE losses "
+                         "is backend='triton' (the default for CUDA tensors)")
     _validate.backend(backend, BACKENDS, device)
     if backend == "triton":
         if device.type == "cpu" and not _triton_interpreted():

@@ -4,20 +4,23 @@ function :func:`fused_supcon`, and the fake kernels and autograd of the ``supcon
 Op contract (the schemas and equations are in ``csrc/supcon.cpp``): ``supcon_fwd(z, labels,
 inv_temperature, normalize) -> (loss, lse)`` gives each row's loss (float32; float64 for float64
 z) and its log-sum-exp over all other rows (float64 always); ``supcon_bwd(grad_loss, z, labels, loss, lse, inv_temperature, normalize) -> dz``.
-The C++ ops live in ``torch.ops.sslkernels`` (CPU kernel); a backend that implements the same
-names in another namespace calls :func:`register` for the same fake kernels and autograd. The
+The C++ ops live in ``torch.ops.sslkernels`` (CPU kernel); the GPU implementation, Triton,
+in ``torch.ops.sslkernels_triton`` under the same names, with the same fake kernels and
+autograd (:func:`register`). The
 slice ops ``supcon_slice_fwd / _bwd`` (one rank's rows against the gathered batch) are one ATen
 body for every device.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _ext, _validate, distributed  # noqa: F401  (_ext registers the ops)
+from . import info_nce as _info_nce
 from .reference import supcon as _ref
 
-# GPU kernel: lead adds the Triton path ("triton" joins these; CUDA tensors then default to it).
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
 REDUCTIONS = ("mean", "sum", "none")
 
 __all__ = ["fused_supcon", "view_labels", "register", "BACKENDS"]
@@ -102,10 +105,36 @@ def view_labels(n: int, views: int, device: torch.device | str | None = None) ->
 
 
 def default_backend(device: torch.device) -> str:
-    """The backend :func:`fused_supcon` uses for tensors on ``device`` when none is given."""
-    if device.type == "cpu":
-        return "cpu"
-    return "reference"  # GPU kernel: lead adds the Triton path
+    """The backend :func:`fused_supcon` uses for tensors on ``device`` when none is given: the
+    same rule as :func:`sslkernels.info_nce.default_backend` (CUDA: ``"triton"``)."""
+    return _info_nce.default_backend(device)
+
+
+@functools.cache
+def _triton_ops():
+    """``torch.ops.sslkernels_triton.supcon_fwd / supcon_bwd``: the Triton kernels
+    (sslkernels/triton_kernels/supcon.py) as custom ops with this module's fake kernels and
+    autograd; CUDA, and CPU under TRITON_INTERPRET=1."""
+    if not _info_nce.triton_available():
+        raise RuntimeError("backend='triton' needs triton >= 3.6 (pip install 'triton>=3.6')")
+    from .triton_kernels import supcon_launch as tk
+
+    devices = ("cuda", "cpu")
+
+    @torch.library.custom_op("sslkernels_triton::supcon_fwd", mutates_args=(),
+                             device_types=devices)
+    def fwd(z: torch.Tensor, labels: torch.Tensor, inv_temperature: float,
+            normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return tk.supcon_fwd(z, labels, inv_temperature, normalize)
+
+    @torch.library.custom_op("sslkernels_triton::supcon_bwd", mutates_args=(),
+                             device_types=devices)
+    def bwd(grad_loss: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor,
+            lse: torch.Tensor, inv_temperature: float, normalize: bool) -> torch.Tensor:
+        return tk.supcon_bwd(grad_loss, z, labels, loss, lse, inv_temperature, normalize)
+
+    register("sslkernels_triton", bwd)
+    return torch.ops.sslkernels_triton
 
 
 def _positive_counts(all_labels: torch.Tensor, row_labels: torch.Tensor) -> torch.Tensor:
@@ -166,9 +195,10 @@ def fused_supcon(z: torch.Tensor, labels: torch.Tensor, *, temperature: float = 
         normalize: L2-normalize rows first (``F.normalize``, eps 1e-12).
         reduction: ``"mean"`` (over rows with a positive), ``"sum"`` or ``"none"`` ((M,) rows,
             in ``z``'s order).
-        backend: ``None`` (CPU tensors: ``"cpu"``; other devices: ``"reference"`` for now),
-            ``"reference"`` (plain PyTorch, O(M^2) memory) or ``"cpu"`` (the C++ kernel: tiled
-            over the symmetric similarity matrix, multi-threaded, O(M*D) memory).
+        backend: ``None`` (CPU tensors: ``"cpu"``; CUDA: ``"triton"``), ``"reference"``
+            (plain PyTorch, O(M^2) memory), ``"cpu"`` (the C++ kernel: tiled over the symmetric
+            similarity matrix, multi-threaded, O(M*D) memory) or ``"triton"`` (the GPU kernels:
+            bf16/fp16 on tensor cores, O(M*D) memory; on CPU only under TRITON_INTERPRET=1).
         gather_distributed: compute this rank's share of the loss over the batches of all
             ranks (see above).
         group: the process group for ``gather_distributed`` (default: the world).
@@ -188,7 +218,7 @@ def fused_supcon(z: torch.Tensor, labels: torch.Tensor, *, temperature: float = 
     _validate.choice("reduction", reduction, REDUCTIONS)
     device = _validate.same_device(z=z, labels=labels)
     backend = default_backend(device) if backend is None else backend
-    _validate.backend(backend, BACKENDS, device)
+    _info_nce._check_backend(backend, device)
     normalize = bool(normalize)
     labels = labels.to(torch.int64).contiguous()
     rank, world = distributed.rank_and_world(group) if gather_distributed else (0, 1)
@@ -209,7 +239,8 @@ def fused_supcon(z: torch.Tensor, labels: torch.Tensor, *, temperature: float = 
     if backend == "reference":
         rows = _ref.supcon_rows(z, labels, temperature, normalize).to(_acc_dtype(z))
     else:
-        rows, _ = _ops.supcon_fwd(z, labels, 1.0 / temperature, normalize)
+        ops = _ops if backend == "cpu" else _triton_ops()
+        rows, _ = ops.supcon_fwd(z, labels, 1.0 / temperature, normalize)
     return _reduce(rows, reduction, (_positive_counts(labels, labels) > 0).sum(), 1)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -23,16 +25,21 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_DIR = os.path.join(ROOT, "sslkernels", "triton_kernels")
-MODULES = ("info_nce",)  # kernel modules that define specializations()
+MODULES = ("info_nce", "supcon")  # kernel modules that define specializations()
+
+
+PACKAGE = "_sslk_gate"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_sslk_gate_{name}",
-                                                  os.path.join(KERNEL_DIR, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # triton's source introspection wants a registered module
-    spec.loader.exec_module(mod)
-    return mod
+    """sslkernels/triton_kernels/<name>.py as a module of a stand-in package over that folder,
+    so its relative imports of sibling kernel modules work without importing sslkernels."""
+    if PACKAGE not in sys.modules:
+        pkg = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(
+            PACKAGE, None, is_package=True))
+        pkg.__path__ = [KERNEL_DIR]
+        sys.modules[PACKAGE] = pkg
+    return importlib.import_module(f"{PACKAGE}.{name}")
 
 
 def _job(args):

@@ -82,6 +82,14 @@ def _dot(a, b, acc):
 
 
 @triton.jit
+def _log1p(x):
+    """log(1 + x) to full relative precision for small x (Goldberg's form; tl has no log1p):
+    log(u) * x / (u - 1) with u = 1 + x, which corrects the rounding of u."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
 def _online_lse(m, l, s):
     """Fold a tile of logits ``s`` (rows, cols; -inf where masked) into running (max, sum).
 
@@ -361,10 +369,15 @@ def _combine_kernel(LPOS, M_PART, L_PART, ACC_PART, LOSS, LSE_NEG, WSUM, N, D, n
                         mask=tile_ok, other=0.0)
             acc += a * scale[:, None]
     lse_neg = m + tl.log(l)
-    # loss = log(1 + sum_neg exp(s - l_pos)) = softplus(lse_neg - l_pos): full relative
-    # precision when the positive dominates and the loss is tiny.
-    x = lse_neg - l_pos
-    loss = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    # loss = log(1 + sum_neg exp(s - l_pos)), with the negatives' max taken relative to the
+    # positive before anything is rounded at the logits' magnitude (~1/T): exactly log(2N - 1)
+    # when all logits are equal, full relative precision when the positive dominates (the C++
+    # kernels' log_sum_states, csrc/info_nce.h).
+    t = m - l_pos
+    b = t + tl.log(l)
+    near = _log1p(l * tl.exp(t))
+    far = b + _log1p(tl.exp(-b))
+    loss = tl.where(b > 20.0, far, near)
     first = tl.program_id(1) == 0
     tl.store(LSE_NEG + rows, lse_neg, mask=row_ok & first)
     tl.store(LOSS + rows, loss, mask=row_ok & first)
