@@ -7,6 +7,7 @@ label masks, log-softmax, mean over positives (target: >= 4x faster). V = 2, N =
 multi-positive kernel against today's two-view NT-Xent kernel on the same rows (target: within
 1.15x). Peak extra memory at M = 32768 (target: <= 64 MB).
 """
+import pytest
 import torch
 
 from sslkernels import fused_info_nce, fused_supcon, view_labels
@@ -103,3 +104,45 @@ def test_peak_memory(rec):
                    f"~{dense_small * 64 / 1024:.1f} GB at M=32768)")
     rec.benchmark.extra_info.update(fused_mb_32768=fused, dense_mb_4096=dense_small)
     rec(GROUP_V4 + " (memory probe)", "noop", lambda: None, rounds=1)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: V = 4 views of N = 2048 images (M = 8192 rows), bf16, against the dense formulation in
+# eager and under torch.compile.
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+GROUP_GPU = "supcon-gpu bf16 V=4 N=2048 (M=8192) D=128 fwd+bwd"
+GPU_BASE = ["dense SupCon eager", "dense SupCon torch.compile"]
+
+
+def _gpu_step(loss_fn):
+    z = torch.randn(8192, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = view_labels(2048, 4, device="cuda")
+
+    def step():
+        z.grad = None
+        loss_fn(z, y).backward()
+        torch.cuda.synchronize()
+    return step
+
+
+def _dense(z, y):
+    return ref.supcon_rows(z, y, TEMPERATURE).float().mean()
+
+
+@cuda
+def test_gpu_dense(rec):
+    rec(GROUP_GPU, "dense SupCon eager", _gpu_step(_dense), baselines=GPU_BASE, rounds=10)
+
+
+@cuda
+def test_gpu_dense_compiled(rec):
+    rec(GROUP_GPU, "dense SupCon torch.compile", _gpu_step(torch.compile(_dense)),
+        baselines=GPU_BASE, rounds=10, warmup=3)
+
+
+@cuda
+def test_gpu_fused(rec):
+    rec(GROUP_GPU, "sslkernels fused_supcon (triton)",
+        _gpu_step(lambda z, y: fused_supcon(z, y, temperature=TEMPERATURE)),
+        baselines=GPU_BASE, rounds=10, warmup=3)

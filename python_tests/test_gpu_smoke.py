@@ -13,4 +13,4 @@ def test_smoke_checks_pass_on_cpu():
                           "--device", "cpu"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("ok ") == 6
+    assert out.stdout.count("ok ") == 7

@@ -11,7 +11,8 @@
 # 5. report:  registers/spills of the CUDA kernels (cuobjdump), and OUT_DIR/gpu_check.json with
 #             the device, versions, each stage's status and time
 # Everything is logged to OUT_DIR/log.txt. Each stage has a time limit so that the whole pass
-# stays under 8 minutes on an H100-class machine with 16 cores; a failed stage stops the pass.
+# stays under 8 minutes on an H100-class machine with 16 cores; a failed build or smoke test
+# stops the pass, failed tests do not stop the benchmarks. The exit status is the last failure's.
 set -uo pipefail
 out=${1:?usage: tools/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -68,10 +69,11 @@ print(torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log" || 
 stage build 150 pip install -e . --no-build-isolation --no-deps -v || exit
 stage smoke 60 python tools/gpu_smoke.py --json "$out/smoke.json" || exit
 stage resources 15 python tools/cuda_resources.py --json "$out/cuda_resources.json" || true
-stage tests-triton 75 python -m pytest python_tests/test_triton_info_nce.py -x -q \
-  --junitxml "$out/tests-triton.xml" || exit
-stage tests-cuda 75 python -m pytest python_tests -x -q -k "cuda or triton or contract or tf32" \
-  --deselect python_tests/test_triton_gate.py --deselect python_tests/test_triton_info_nce.py \
-  --junitxml "$out/tests-cuda.xml" || exit
+# A failing test stage is recorded (exit status, junit XML) but the pass goes on to the
+# benchmarks: one GPU session should bring back as much as it can.
+stage tests-triton 75 python -m pytest python_tests/test_triton_info_nce.py \
+  python_tests/test_triton_supcon.py -q --junitxml "$out/tests-triton.xml"
+stage tests-cuda 75 python -m pytest python_tests -q -k "cuda or contract or tf32" \
+  --deselect python_tests/test_triton_gate.py --junitxml "$out/tests-cuda.xml"
 stage bench 100 python -m pytest benchmarks/ --benchmark-only -q -k "gpu or cuda" \
-  --benchmark-json "$out/bench.json" || exit
+  --benchmark-json "$out/bench.json"

@@ -65,6 +65,20 @@ def check_info_nce_slice(dev):
     _close(rows, ref.info_nce_slice_rows(keys, 0, 16, 16, 0.2), 1e-9, what="slice")
 
 
+def check_supcon(dev):
+    from sslkernels import fused_supcon, view_labels
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        z = torch.randn(400, 128, device=dev, dtype=dtype, requires_grad=True)
+        y = view_labels(100, 4, device=dev)
+        loss = fused_supcon(z, y, temperature=0.1)
+        (g,) = torch.autograd.grad(loss, (z,))
+        r = z.detach().double().requires_grad_()
+        ref = fused_supcon(r, y, temperature=0.1, backend="reference")
+        (e,) = torch.autograd.grad(ref, (r,))
+        _close(loss, ref, tol, what=f"supcon loss {dtype}")
+        _close(g, e, tol * 1e-2 + 1e-4, rtol=0.05, what=f"supcon dz {dtype}")
+
+
 def check_ema(dev):
     from sslkernels import ema_update_
     t = [torch.randn(n, device=dev) for n in (1, 1000, 70000)]
@@ -100,8 +114,8 @@ def check_augment(dev):
     _close(gpu, cpu, 1e-4, what="augment cuda vs cpu")
 
 
-CHECKS = [check_info_nce_pair, check_info_nce_neg, check_info_nce_slice, check_ema,
-          check_queue, check_augment]
+CHECKS = [check_info_nce_pair, check_info_nce_neg, check_info_nce_slice, check_supcon,
+          check_ema, check_queue, check_augment]
 
 
 def main() -> int:
