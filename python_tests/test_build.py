@@ -27,7 +27,8 @@ def test_every_op_has_cpu_kernel():
 
 
 # Ops whose GPU implementation is Triton (torch.ops.sslkernels_triton.<same name>), not C++.
-TRITON_ON_GPU = ("info_nce_pair_fwd", "info_nce_pair_bwd", "info_nce_neg_fwd")
+TRITON_ON_GPU = ("info_nce_pair_fwd", "info_nce_pair_bwd", "info_nce_neg_fwd", "supcon_fwd",
+                 "supcon_bwd")
 
 
 def test_cuda_kernels_registered_when_built():
@@ -42,10 +43,11 @@ def test_cuda_kernels_registered_when_built():
 def test_triton_ops_cover_the_gpu():
     # One GPU implementation per kernel: the InfoNCE ops without a C++ CUDA kernel have a
     # Triton twin of the same name that runs on CUDA.
-    from sslkernels.info_nce import _triton_ops, triton_available
-    if not triton_available():
+    from sslkernels import info_nce, supcon
+    if not info_nce.triton_available():
         pytest.skip("triton >= 3.6 is not installed")
-    ops = _triton_ops()
+    info_nce._triton_ops()
+    ops = supcon._triton_ops()
     for op in TRITON_ON_GPU:
         name = f"sslkernels::{op}"
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), op
