@@ -314,6 +314,10 @@ def test_bad_method_and_flag_combinations(tmp_path, capsys):
         capsys, base + ["--method", "simclr", "--no-mlp"])
     assert "--temperature applies to the contrastive methods" in _cli_error(
         capsys, base + ["--method", "byol", "--temperature", "0.1"])
+    assert "--momentum applies to the methods with an EMA network" in _cli_error(
+        capsys, base + ["--method", "simsiam", "--momentum", "0.9"])
+    assert "--momentum: must be in [0, 1]" in _cli_error(
+        capsys, base + ["--method", "byol", "--momentum", "1.5"])
     (tmp_path / "empty").mkdir()
     assert "not an image folder" in _cli_error(
         capsys, base + ["--method", "simclr", "--data", str(tmp_path / "empty")])

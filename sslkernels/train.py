@@ -55,6 +55,8 @@ DEFAULT_OPTIMIZER = {"simclr": "sgd", "simclrv2": "sgd", "mocov2": "sgd", "byol"
                      "simsiam": "sgd"}
 # SimCLR at the paper's CIFAR temperature (0.5; 0.1-0.2 needs large batches); MoCo v2's 0.2.
 DEFAULT_TEMPERATURE = {"simclr": 0.5, "simclrv2": 0.5, "mocov2": 0.2}
+EMA_METHODS = ("simclrv2", "mocov2", "byol")
+DEFAULT_QUEUE = {"mocov2": 2048, "simclrv2": 0}
 SCHEDULES = ("cosine", "step")
 # MoCo v1's step schedule: x0.1 at epochs 120 and 160 of 200.
 STEP_MILESTONES = (0.6, 0.8)
@@ -63,7 +65,7 @@ STEP_MILESTONES = (0.6, 0.8)
 # workers, output and checkpoint cadence, probe, verbosity) may change between sessions.
 CONFIG_KEYS = ("method", "data", "train_size", "image_size", "backbone", "width", "epochs",
                "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "schedule",
-               "amp", "seed", "queue_size", "temperature", "recipe", "min_scale",
+               "amp", "seed", "queue_size", "momentum", "temperature", "recipe", "min_scale",
                "per_image_augment", "no_mlp", "no_stop_grad", "processes")
 
 
@@ -116,8 +118,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="start over in an OUT that already holds a run")
     p.add_argument("--stop-after", type=at_least(1), default=None,
                    help="stop (with a checkpoint) after this many steps in total")
-    p.add_argument("--queue-size", type=at_least(0), default=2048,
-                   help="MoCo v2: queue K; SimCLR v2: memory size (0: no memory network)")
+    p.add_argument("--queue-size", type=at_least(0), default=None,
+                   help="MoCo v2: queue K (default 2048); SimCLR v2: size of the memory of "
+                        "negatives from an EMA network (default 0: none; on the default "
+                        "dataset 2048 collapses, see the README)")
+    p.add_argument("--momentum", type=pos(0, 1), default=None,
+                   help="EMA momentum of MoCo v2's key encoder, SimCLR v2's memory network and "
+                        "BYOL's target (its base value) (default 0.99; the papers' 0.999 and "
+                        "0.996 are tuned for hundreds of ImageNet epochs)")
     p.add_argument("--temperature", type=pos(0, lo_open=True), default=None,
                    help="InfoNCE temperature (simclr, simclrv2: 0.5; mocov2: 0.2)")
     p.add_argument("--recipe", choices=tuple(A.RECIPES), default=None,
@@ -145,10 +153,13 @@ def resolve(args, world: int = 1) -> dict:
         raise UsageError(f"--no-mlp applies to --method mocov2 (MoCo's head), not {m}")
     if args.no_stop_grad and m != "simsiam":
         raise UsageError(f"--no-stop-grad applies to --method simsiam, not {m}")
+    if args.momentum is not None and m not in EMA_METHODS:
+        raise UsageError(f"--momentum applies to the methods with an EMA network "
+                         f"({', '.join(EMA_METHODS)}), not {m}")
     if args.temperature is not None and m not in DEFAULT_TEMPERATURE:
         raise UsageError(f"--temperature applies to the contrastive methods "
                          f"({', '.join(DEFAULT_TEMPERATURE)}), not {m}")
-    if m == "mocov2" and args.queue_size < 1:
+    if m == "mocov2" and args.queue_size is not None and args.queue_size < 1:
         raise UsageError("--queue-size must be >= 1 for mocov2 (the queue of negatives), got "
                          f"{args.queue_size}")
     if args.batch_size % world:
@@ -165,13 +176,16 @@ def resolve(args, world: int = 1) -> dict:
                lr=args.lr if args.lr is not None else default_lr(m, optimizer),
                temperature=(args.temperature if args.temperature is not None
                             else DEFAULT_TEMPERATURE.get(m)),
+               momentum=((args.momentum if args.momentum is not None else 0.99)
+                         if m in EMA_METHODS else None),
                recipe=args.recipe or RECIPES[m],
                min_scale=(args.min_scale if args.min_scale is not None
                           else default_min_scale(args.image_size)),
                data=os.path.abspath(args.data) if args.data is not None else None,
                train_size=args.train_size if args.data is None else None,
                width=args.width if args.backbone == "small" else None,
-               queue_size=args.queue_size if m in ("mocov2", "simclrv2") else None,
+               queue_size=(args.queue_size if args.queue_size is not None else
+                           DEFAULT_QUEUE[m]) if m in DEFAULT_QUEUE else None,
                processes=world)
     return cfg
 
@@ -188,22 +202,23 @@ def make_backbone(name: str, image_size: int, width: int | None = 64) -> tuple[n
 
 def make_method(cfg: dict, backbone: nn.Module, width: int) -> nn.Module:
     # Sized for runs of a few hundred steps: MoCo's and BYOL's targets (and SimCLR v2's memory
-    # network) with lower momentum than the papers' 0.999 / 0.996, which are tuned for hundreds
-    # of ImageNet epochs and would leave the target almost at its random initialization here.
-    name, t = cfg["method"], cfg["temperature"]
+    # network) default to a lower momentum (cfg["momentum"], 0.99) than the papers' 0.999 /
+    # 0.996, which are tuned for hundreds of ImageNet epochs and would leave the target almost
+    # at its random initialization here.
+    name, t, m = cfg["method"], cfg["temperature"], cfg["momentum"]
     if name == "simclr":  # SimCLR v1: Linear-ReLU-Linear
         return M.SimCLR(backbone, width, proj_hidden=512, proj_dim=128, proj_layers=2,
                         temperature=t)
     if name == "simclrv2":
         return M.SimCLRv2(backbone, width, proj_hidden=512, proj_dim=128, proj_layers=3,
-                          temperature=t, memory_size=cfg["queue_size"], momentum=0.99)
+                          temperature=t, memory_size=cfg["queue_size"], momentum=m)
     if name == "mocov2":
         return M.MoCoV2(backbone, width, dim=128, mlp_hidden=512, queue_size=cfg["queue_size"],
-                        momentum=0.99, temperature=t,
+                        momentum=m, temperature=t,
                         head="linear" if cfg["no_mlp"] else "mlp")
     if name == "byol":
         return M.BYOL(backbone, width, proj_hidden=1024, proj_dim=256, pred_hidden=1024,
-                      base_momentum=0.99)
+                      base_momentum=m)
     return M.SimSiam(backbone, width, dim=512, pred_dim=128,
                      stop_gradient=not cfg["no_stop_grad"])
 
@@ -595,8 +610,10 @@ def train(args) -> dict:
         progress.close()
     log.close()
     elapsed = time.perf_counter() - t_start
+    dim = [m for m in method.projector.modules() if isinstance(m, nn.Linear)][-1].out_features
     result = {"method": cfg["method"], "config": cfg, "steps": step, "losses": losses,
-              "embedding_std": stds[-1] if stds else None, "seconds": elapsed,
+              "embedding_std": stds[-1] if stds else None, "embedding_dim": dim,
+              "seconds": elapsed,
               "seconds_per_epoch": elapsed / max(1e-9, seen / len(data.train))}
     if step >= total and ranks.main:
         if not args.no_probe:
@@ -605,13 +622,12 @@ def train(args) -> dict:
                    "trained": probe(method.backbone, data.train, data.held_out,
                                     len(data.classes), cfg["image_size"], device)}
             result["probe"] = acc
-            plot(os.path.join(out, "curves.png"), losses, steps_per_epoch, acc, stds,
-                 monitor.dim)
+            plot(os.path.join(out, "curves.png"), losses, steps_per_epoch, acc, stds, dim)
             print(f"{cfg['method']}: linear probe {100 * acc['trained']['linear']:.1f}% "
                   f"(random init {100 * acc['random']['linear']:.1f}%), kNN "
                   f"{100 * acc['trained']['knn']:.1f}% (random init "
                   f"{100 * acc['random']['knn']:.1f}%), embedding std {stds[-1]:.4f} "
-                  f"(1/sqrt(d) = {(monitor.dim or 1) ** -0.5:.4f}), "
+                  f"(1/sqrt(d) = {dim ** -0.5:.4f}), "
                   f"{result['seconds_per_epoch']:.1f} s/epoch")
         with open(os.path.join(out, "results.json"), "w") as f:
             import json

@@ -63,7 +63,8 @@ class SimCLRv2(nn.Module):
         backbone, feature_dim: the encoder and its output width.
         proj_hidden: hidden width of the projection head (default feature_dim, as the paper).
         proj_dim: embedding width (128).
-        proj_layers: 3 (the paper's deeper head: Linear-BN-ReLU twice, then Linear); 2 or more.
+        proj_layers: 3 (the paper's deeper head: Linear-BN-ReLU twice, then Linear-BN); 2 or
+            more.
         temperature: NT-Xent temperature.
         memory_size: K negatives kept (0: no memory network; the paper used 65536 with its
             large batches).
@@ -87,7 +88,14 @@ class SimCLRv2(nn.Module):
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         hidden = proj_hidden or feature_dim
         self.backbone = backbone
-        self.projector = mlp([feature_dim] + [hidden] * (proj_layers - 1) + [proj_dim])
+        # google-research/simclr ends the head with a BatchNorm too (no bias, no ReLU): the
+        # embeddings are centred over the batch. The memory needs it: negatives from another
+        # network share a mean direction, and pushing every query away from one direction
+        # bunches the queries together (a collapse the in-batch negatives cannot undo).
+        # BatchNorm there is scale-only (center=False); without a scale-only BN in PyTorch, the
+        # unscaled one centres the same way.
+        self.projector = mlp([feature_dim] + [hidden] * (proj_layers - 1) + [proj_dim],
+                             last_bn=True, last_bn_affine=False)
         self.temperature = temperature
         self.memory_size, self.momentum = memory_size, momentum
         self.loss_backend, self.ema_backend = loss_backend, ema_backend
