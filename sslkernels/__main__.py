@@ -59,12 +59,15 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import _cli, train
+    from . import _cli, distill, finetune, train
 
     parser = _cli.ArgumentParser(prog="python -m sslkernels")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "train": (train, "self-supervised pretraining + linear and kNN probes"),
+        "finetune": (finetune, "fine-tune a pretrained run on a labelled fraction (SimCLR v2)"),
+        "distill": (distill, "distil a fine-tuned model into a student on unlabelled images "
+                             "(SimCLR v2)"),
     }
     parsers = {name: mod.build_parser(sub.add_parser(name, help=text))
                for name, (mod, text) in commands.items()}
