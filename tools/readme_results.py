@@ -87,7 +87,7 @@ def _figure(rows, png: str) -> None:
         ax.plot([s["epoch"] for s in steps], [s["embedding_std"] * d ** 0.5 for s in steps],
                 lw=0.8, label=_label(res))
     ax.axhline(1.0, ls="--", lw=0.8, color="#999")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.3)
     ax.set_title("embedding std x sqrt(d) (collapse: 0)", fontsize=8)
     ax.set_xlabel("epoch")
     ax.legend(fontsize=5)
@@ -142,9 +142,11 @@ def simclrv2(run: str) -> None:
     for f in fractions:
         l1 = f"finetune_{f}_layer1"
         n = get(l1, "labelled_images") or get(f"finetune_{f}_layer0", "labelled_images")
-        print(f"| {f[:-3]}% | {n} | {_pct(get(f'supervised_{f}_layer0'))} "
-              f"| {_pct(get(l1, 'linear_probe'))} | {_pct(get(f'finetune_{f}_layer0'))} "
-              f"| **{_pct(get(l1))}** | {_pct(get(os.path.join(l1, 'distill')))} |")
+        vals = [get(f"supervised_{f}_layer0"), get(l1, "linear_probe"),
+                get(f"finetune_{f}_layer0"), get(l1), get(os.path.join(l1, "distill"))]
+        best = max(v for v in vals if v is not None)
+        cells = [f"**{_pct(v)}**" if v == best else _pct(v) for v in vals]
+        print(f"| {f[:-3]}% | {n} | " + " | ".join(cells) + " |")
     print(f"\n(pretraining: {_label(pre)}, {pre['config']['epochs']} epochs; full-label linear "
           f"probe {_pct(pre['probe']['trained']['linear'])})")
 

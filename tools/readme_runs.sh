@@ -2,6 +2,8 @@
 # Every command of the README's results, in order, then the tables and docs/curves.png built
 # from their outputs (tools/readme_results.py). Sequential on purpose: s/epoch is measured.
 #   bash tools/readme_runs.sh            # runs/ must not hold these runs yet (or: OVERWRITE=1)
+# The README's figures: OMP_NUM_THREADS=1 bash tools/readme_runs.sh on 2 shared cores (with
+# other jobs on the cores, two OpenMP threads per run were 7x slower than one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 over=${OVERWRITE:+--overwrite}
@@ -9,6 +11,7 @@ train() { python -m sslkernels train "$@" $over; }
 
 # 1. the five methods, and SimSiam's stop-gradient ablation (collapse)
 for m in simclr simclrv2 mocov2 byol simsiam; do train --method "$m"; done
+train --method simclrv2 --queue-size 2048 --out runs/simclrv2_memory
 train --method simsiam --no-stop-grad --out runs/simsiam_no_stop_grad
 
 # 2. MoCo v2's ablations: head, augmentation, schedule, and all three back to MoCo v1's
@@ -27,8 +30,8 @@ for labels in 0.01 0.1; do
   python -m sslkernels distill --teacher runs/simclrv2/finetune_${pct}_layer1
 done
 
-python tools/readme_results.py pretrain runs/simclr runs/simclrv2 runs/mocov2 runs/byol \
-  runs/simsiam runs/simsiam_no_stop_grad --png docs/curves.png
+python tools/readme_results.py pretrain runs/simclr runs/simclrv2 runs/simclrv2_memory \
+  runs/mocov2 runs/byol runs/simsiam runs/simsiam_no_stop_grad --png docs/curves.png
 python tools/readme_results.py moco-ablation runs/mocov2 runs/mocov2_linear_head \
   runs/mocov2_v1_augmentation runs/mocov2_step_schedule runs/mocov2_as_v1
 python tools/readme_results.py simclrv2 runs/simclrv2
