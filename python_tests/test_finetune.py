@@ -127,3 +127,32 @@ def test_distill_trains_a_student_without_labels(pretrained, tmp_path, monkeypat
     assert student["kind"] == "distill" and student["model"]["fc.weight"].shape == (10, 512)
     with pytest.raises(ValueError, match="not one written by 'finetune'"):
         D.distill(D.build_parser().parse_args(["--teacher", str(pretrained / "checkpoint.pt")]))
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+def test_all_three_stages_on_an_image_folder(tmp_path):
+    """--data: an ImageFolder tree (PNG files of two sizes) through train, finetune, distill."""
+    from torchvision.io import write_png
+
+    from sslkernels.data import SyntheticShapes
+
+    shapes = SyntheticShapes(40, 24, seed=9)
+    for i in range(len(shapes)):
+        image, label = shapes[i]
+        if i % 3 == 0:  # mixed sizes: the list path of the augmentation and the probe
+            image = torch.nn.functional.interpolate(image[None].float(), size=(28, 20)).to(
+                torch.uint8)[0]
+        folder = tmp_path / "images" / f"class_{label % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_png(image, str(folder / f"{i}.png"))
+    run = tmp_path / "v2"
+    T.train(T.build_parser().parse_args([
+        "--method", "simclrv2", "--data", str(tmp_path / "images"), "--out", str(run),
+        "--image-size", "16", "--batch-size", "8", "--epochs", "1", "--width", "8", "--quiet"]))
+    assert json.loads((run / "results.json").read_text())["probe"]["trained"]["linear"] >= 0
+    r = _finetune("--from", str(run), "--labels", "0.5", *FAST)
+    assert r["labelled_images"] == 16  # half of the 32 training images (a fifth is held out)
+    d = D.distill(D.build_parser().parse_args(["--teacher", str(run / "finetune_50pct_layer1"),
+                                               "--epochs", "1", "--batch-size", "8",
+                                               "--quiet"]))
+    assert d["steps"] == 4 and 0 <= d["accuracy"] <= 1
