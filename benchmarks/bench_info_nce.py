@@ -164,7 +164,51 @@ def test_gpu_triton(rec):
 
 
 @cuda
-def test_gpu_cuda_cpp(rec):
-    rec(GROUP_GPU, "sslkernels cuda (C++)",
-        _gpu_step(lambda x, y: fused_info_nce(x, y, temperature=0.1, backend="cuda")),
-        baselines=GPU_BASE, rounds=20, warmup=3)
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_gpu_peak_memory(rec):
+    # Extra device memory of one fwd+bwd over the inputs: fused O(N*D) vs the reference's logits.
+    for name, fn in (("fused", lambda x, y: fused_info_nce(x, y, temperature=0.1)),
+                     ("eager reference", _gpu_ref)):
+        step = _gpu_step(fn)
+        step()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        note(GROUP_GPU, f"peak extra device memory, {name}: "
+                        f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f} MiB")
+    rec(GROUP_GPU + " (memory probe)", "noop", lambda: None, rounds=1)
+
+
+GROUP_GPU_NEG = "moco-gpu bf16 N=1024 K=65536 D=128 fwd+bwd"
+GPU_NEG_BASE = ["builder (clone+einsum+cat+CE)"]
+
+
+def _gpu_neg_step(loss_fn):
+    q, k = _views(1024, 128, torch.bfloat16, "cuda")
+    queue = torch.nn.functional.normalize(torch.randn(65536, 128, device="cuda"), dim=1)
+    queue = queue.to(torch.bfloat16)
+
+    def step():
+        q.grad = None
+        loss_fn(q, k.detach(), queue).backward()
+        torch.cuda.synchronize()
+    return step
+
+
+def _gpu_builder(q, k, queue):
+    neg = queue.clone().detach()
+    return ref.info_nce_negatives_rows(q, k, neg, 0.2).float().mean()
+
+
+@cuda
+def test_gpu_neg_builder(rec):
+    rec(GROUP_GPU_NEG, "builder (clone+einsum+cat+CE)", _gpu_neg_step(_gpu_builder),
+        baselines=GPU_NEG_BASE, rounds=20)
+
+
+@cuda
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_gpu_neg_triton(rec):
+    rec(GROUP_GPU_NEG, "sslkernels triton",
+        _gpu_neg_step(lambda q, k, n: fused_info_nce(q, k, n, temperature=0.2)),
+        baselines=GPU_NEG_BASE, rounds=20, warmup=3)

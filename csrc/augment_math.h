@@ -207,17 +207,17 @@ struct JitterPlan {
   int split;  // index of contrast in ops, or n_ops when absent
 };
 
+// Loops run to the constant 4 (not n_ops) so that a GPU compiler unrolls them and keeps ops[]
+// in registers: an index that is not a compile-time constant puts the array in local memory.
 SSLK_HD JitterPlan jitter_plan(const float* p) {
   JitterPlan plan;
-  plan.n_ops = 0;
-  plan.split = 0;
-  if (p[kJitter] != 0.f) {
-    for (int k = 0; k < 4; ++k) plan.ops[k] = static_cast<int>(p[kOrder + k]);
-    plan.n_ops = 4;
-  }
+  const bool on = p[kJitter] != 0.f;
+  plan.n_ops = on ? 4 : 0;
   plan.split = plan.n_ops;
-  for (int k = 0; k < plan.n_ops; ++k)
-    if (plan.ops[k] == kOpContrast) plan.split = k;
+  for (int k = 0; k < 4; ++k) {
+    plan.ops[k] = on ? static_cast<int>(p[kOrder + k]) : 0;
+    if (on && plan.ops[k] == kOpContrast) plan.split = k;
+  }
   return plan;
 }
 

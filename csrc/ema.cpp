@@ -2,7 +2,6 @@
 #include "ema.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -45,15 +44,14 @@ bool pair_kind(at::ScalarType t, at::ScalarType o, Kind& kind) {
 // True when the byte ranges, taken in `order`, each start at or after the end of the previous
 // one: then no two of them overlap, whichever order it is.
 static bool disjoint_in_order(const std::vector<std::pair<uintptr_t, uintptr_t>>& ranges,
-                       const std::vector<uint32_t>& order) {
-  if (order.size() != ranges.size()) return false;
+                              const std::vector<uint32_t>& order) {
   for (size_t k = 1; k < order.size(); ++k)
     if (ranges[order[k]].first < ranges[order[k - 1]].second) return false;
   return true;
 }
 
 Checked check_lists(at::TensorList target, at::TensorList online, double weight,
-                    c10::DeviceType device_type, std::vector<uint32_t>* order) {
+                    c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(target.size() == online.size(),
                     "target and online must hold the same number of tensors, got ",
                     target.size(), " and ", online.size());
@@ -63,6 +61,7 @@ Checked check_lists(at::TensorList target, at::TensorList online, double weight,
   if (target.empty()) return out;
   out.pairs.reserve(target.size());
   const at::Device device = target[0].device();
+  out.device = device;
   TORCH_CHECK_VALUE(device.type() == device_type, "expected tensors on ", device_type, ", got ",
                     device);
   // Meta and other data-less tensors (tracing) get every check but the memory overlap one.
@@ -112,7 +111,7 @@ Checked check_lists(at::TensorList target, at::TensorList online, double weight,
     else
       out.strided.push_back(i);
   }
-  if (ranges.size() > 1 && !(order && disjoint_in_order(ranges, *order))) {
+  if (ranges.size() > 1) {
     std::vector<uint32_t> by_start(ranges.size());
     for (uint32_t k = 0; k < by_start.size(); ++k) by_start[k] = k;
     std::sort(by_start.begin(), by_start.end(),
@@ -120,33 +119,8 @@ Checked check_lists(at::TensorList target, at::TensorList online, double weight,
     TORCH_CHECK_VALUE(disjoint_in_order(ranges, by_start),
                       "target holds tensors that share memory (the same tensor twice or "
                       "overlapping views); each target element must be updated once");
-    if (order) *order = std::move(by_start);
   }
   return out;
-}
-
-void check_copies(at::TensorList target, at::TensorList online) {
-  TORCH_CHECK_VALUE(target.size() == online.size(),
-                    "target and online must hold the same number of buffers, got ",
-                    target.size(), " and ", online.size());
-  for (size_t i = 0; i < target.size(); ++i) {
-    const at::Tensor& t = target[i];
-    const at::Tensor& o = online[i];
-    TORCH_CHECK_TYPE(t.defined(), "buffer target[", i, "] is an undefined tensor");
-    TORCH_CHECK_TYPE(o.defined(), "buffer online[", i, "] is an undefined tensor");
-    TORCH_CHECK_VALUE(t.device() == o.device(), "buffer target[", i, "] and online[", i,
-                      "] must be on the same device, got ", t.device(), " and ", o.device());
-    TORCH_CHECK_VALUE(t.sizes() == o.sizes(), "buffer target[", i, "] and online[", i,
-                      "] must have the same shape, got ", t.sizes(), " and ", o.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == o.scalar_type() ||
-                         (at::isFloatingType(t.scalar_type()) &&
-                          at::isFloatingType(o.scalar_type())),
-                     "buffer target[", i, "] has dtype ", t.scalar_type(), " and online[", i,
-                     "] has dtype ", o.scalar_type(),
-                     ": a buffer is copied only between equal dtypes or two floating dtypes");
-    TORCH_CHECK_VALUE(!t.requires_grad(), "buffer target[", i,
-                      "] requires grad; buffers of a target network must not");
-  }
 }
 
 namespace {
@@ -174,113 +148,6 @@ void ema_lerp_ad_inplace(c10::DispatchKeySet ks, at::TensorList target, at::Tens
 
 }  // namespace
 
-// A prepared EMA update, built once for a (target, online) pair of parameter lists and reused
-// every step, so the per-step cost from Python is one method call instead of converting two
-// lists of tensors: sslkernels/ema.py caches one per pair of modules or lists. Every call still
-// runs every check before anything is written.
-//
-//   lerp_t/lerp_o: the pairs averaged by ema_lerp_ (parameters; float buffers in "ema" mode;
-//                  or the flat buffers of two flattened modules).
-//   copy_t/copy_o: the pairs copied (buffers).
-//   views_t/views_o: in flat mode, the parameters that must still be views into the flat
-//                  buffers at the data pointers recorded here; when one is not (the module was
-//                  moved with .to(), a .data was reassigned) update() writes nothing and returns
-//                  false, and the caller falls back to the per-tensor path.
-struct EmaPlan : torch::CustomClassHolder {
-  std::vector<at::Tensor> lerp_t, lerp_o, copy_t, copy_o, views_t, views_o;
-  std::vector<std::pair<const c10::StorageImpl*, int64_t>> homes_t, homes_o;
-  std::vector<uint32_t> order;  // the targets by address at the last check (a sorting hint)
-
-  EmaPlan(std::vector<at::Tensor> lt, std::vector<at::Tensor> lo, std::vector<at::Tensor> ct,
-          std::vector<at::Tensor> co)
-      : lerp_t(std::move(lt)), lerp_o(std::move(lo)), copy_t(std::move(ct)),
-        copy_o(std::move(co)) {}
-
-  void set_views(std::vector<at::Tensor> vt, std::vector<at::Tensor> vo) {
-    views_t = std::move(vt);
-    views_o = std::move(vo);
-    homes_t = homes(views_t);
-    homes_o = homes(views_o);
-  }
-
-  // Where a view lives: its storage and offset (a `.data =` or `.to()` changes the storage).
-  using Home = std::pair<const c10::StorageImpl*, int64_t>;
-  static Home home(const at::Tensor& t) {
-    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    return {impl->storage().unsafeGetStorageImpl(), impl->storage_offset()};
-  }
-  static std::vector<Home> homes(const std::vector<at::Tensor>& v) {
-    std::vector<Home> h(v.size());
-    for (size_t i = 0; i < v.size(); ++i) h[i] = home(v[i]);
-    return h;
-  }
-
-  // False when a flat view no longer sits where it was recorded; throws when a target
-  // parameter requires grad.
-  bool views_ok() {
-    for (size_t i = 0; i < views_t.size(); ++i) {
-      if (i + kPrefetchAhead < views_t.size()) prefetch_impl(views_t[i + kPrefetchAhead]);
-      if (i + kPrefetchAhead / 2 < views_t.size())
-        prefetch_autograd_meta(views_t[i + kPrefetchAhead / 2]);
-      if (home(views_t[i]) != homes_t[i]) return false;
-      TORCH_CHECK_VALUE(!views_t[i].requires_grad(), "target parameter[", i,
-                        "] requires grad, but the parameters of a target (EMA) network must "
-                        "have requires_grad=False: call target.requires_grad_(False) once "
-                        "after creating it");
-    }
-    for (size_t i = 0; i < views_o.size(); ++i) {
-      if (i + kPrefetchAhead < views_o.size()) prefetch_impl(views_o[i + kPrefetchAhead]);
-      if (home(views_o[i]) != homes_o[i]) return false;
-    }
-    return true;
-  }
-
-  // Every check of update(), writing nothing.
-  bool check(double weight) {
-    if (!views_ok()) return false;
-    check_copies(copy_t, copy_o);
-    if (!lerp_t.empty() || !lerp_o.empty()) {
-      const c10::DeviceType type = (lerp_t.empty() ? lerp_o : lerp_t)[0].device().type();
-      check_lists(lerp_t, lerp_o, weight, type, &order);
-    }
-    return true;
-  }
-
-  // The views and the copies are checked before the lerp pairs (which are checked before the
-  // first write), so a bad buffer stops the call before any parameter is written.
-  //
-  // direct: run the kernel of the tensors' device right after the checks, skipping the
-  // dispatcher (whose boxed autograd fallback copies both lists on every call), and bump the
-  // targets' version counters as the op's ADInplaceOrView kernel does. The Python caller passes
-  // false for tensor subclasses and while a dispatch mode is active, so that those see the op.
-  bool update(double weight, bool direct) {
-    if (!views_ok()) return false;
-    check_copies(copy_t, copy_o);
-    if (!lerp_t.empty() || !lerp_o.empty()) {
-      const c10::DeviceType type = (lerp_t.empty() ? lerp_o : lerp_t)[0].device().type();
-      bool done = false;
-      if (direct && type == c10::DeviceType::CPU) {
-        lerp_cpu(lerp_t, lerp_o, weight, check_lists(lerp_t, lerp_o, weight, type, &order));
-        done = true;
-      }
-#ifdef SSLK_WITH_CUDA
-      if (direct && type == c10::DeviceType::CUDA) {
-        lerp_cuda(lerp_t, lerp_o, weight, check_lists(lerp_t, lerp_o, weight, type, &order));
-        done = true;
-      }
-#endif
-      if (done) {
-        for (const at::Tensor& t : lerp_t) t.unsafeGetTensorImpl()->bump_version();
-      } else {
-        check_lists(lerp_t, lerp_o, weight, type, &order);  // whatever kernel the op reaches
-        ema_op().call(lerp_t, lerp_o, weight);
-      }
-    }
-    if (!copy_t.empty()) at::_foreach_copy_(copy_t, copy_o);
-    return true;
-  }
-};
-
 }  // namespace sslk::ema
 
 TORCH_LIBRARY_FRAGMENT(sslkernels, m) {
@@ -288,12 +155,6 @@ TORCH_LIBRARY_FRAGMENT(sslkernels, m) {
   // target <- m * target + (1 - m) * online with weight = 1 - m, bit-compatible with
   // torch._foreach_lerp_(target, online, weight). One call updates the whole list.
   m.def("ema_lerp_(Tensor(a!)[] target, Tensor[] online, float weight) -> ()");
-  m.class_<sslk::ema::EmaPlan>("EmaPlan")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>>())
-      .def("set_views", &sslk::ema::EmaPlan::set_views)
-      .def("check", &sslk::ema::EmaPlan::check)
-      .def("update", &sslk::ema::EmaPlan::update);
 }
 
 TORCH_LIBRARY_IMPL(sslkernels, ADInplaceOrView, m) {

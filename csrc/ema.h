@@ -8,6 +8,10 @@
 
 #include "ema_math.h"
 
+namespace pybind11 {
+class module_;
+}
+
 namespace sslk::ema {
 
 // A checked pair the kernels stream: raw pointers, element count and dtype combination.
@@ -18,23 +22,24 @@ struct Pair {
   Kind kind;
 };
 
-// What check_lists found: the streamable pairs with at least one element, in list order, and
-// the indices of the pairs the kernels do not stream (strided views; see flat_pair).
+// What check_lists found: the streamable pairs with at least one element, in list order, the
+// indices of the pairs the kernels do not stream (strided views; see flat_pair), and the device.
 struct Checked {
   std::vector<Pair> pairs;
   std::vector<size_t> strided;
+  at::Device device = at::kCPU;
 };
 
 // Validates every pair of the call in one pass and returns what the kernels need. Throws
 // c10::ValueError / c10::TypeError (Python ValueError / TypeError) naming "target[i]" or
 // "online[i]"; sslkernels/ema.py relies on that form to add parameter names.
-// `order`, when given, is a hint kept between calls: the targets' order by address at the last
-// call, so the overlap check of an unchanged list is one linear pass instead of a sort.
 Checked check_lists(at::TensorList target, at::TensorList online, double weight,
-                    c10::DeviceType device_type, std::vector<uint32_t>* order = nullptr);
+                    c10::DeviceType device_type);
 
 // The kernels proper, for lists that passed check_lists (`checked` is its result): they write
-// without checking again. The ops are check_lists + these; EmaPlan calls them directly.
+// without checking again; the lists are read only for the strided pairs. The ops are
+// check_lists + these; the prepared step of sslkernels.EMA (ema_plan.cpp) calls them with the
+// `checked` it made when it was built.
 void lerp_cpu(at::TensorList target, at::TensorList online, double weight,
               const Checked& checked);
 #ifdef SSLK_WITH_CUDA
@@ -42,9 +47,16 @@ void lerp_cuda(at::TensorList target, at::TensorList online, double weight,
                const Checked& checked);
 #endif
 
-// Checks the (target, online) buffer pairs that are copied: same shape and device, and equal
-// dtypes or two floating dtypes (messages name "buffer target[i]").
-void check_copies(at::TensorList target, at::TensorList online);
+// Registers sslkernels._C.EmaPlan and ema_check_lists (ema_plan.cpp) on the extension module.
+void bind_plan(pybind11::module_& m);
+
+// Bytes per element of a pair's target and online tensors.
+inline int64_t target_size(Kind k) {
+  return k == Kind::kDoubleDouble ? 8 : (k == Kind::kBFloat16BFloat16 || k == Kind::kHalfHalf) ? 2 : 4;
+}
+inline int64_t online_size(Kind k) {
+  return k == Kind::kDoubleDouble ? 8 : k == Kind::kFloatFloat ? 4 : 2;
+}
 
 // Long lists touch thousands of TensorImpls (and their autograd metadata) that are rarely in
 // cache: the checks prefetch the ones a few iterations ahead, which halves their cost.

@@ -5,12 +5,12 @@
 
 namespace sslk::info_nce {
 
-// The Python API validates arguments with friendly messages; these checks keep a direct
-// torch.ops call from reading out of bounds.
+// The Python API validates arguments with friendly messages, once; these checks keep a direct
+// torch.ops call from reading out of bounds. An empty batch is not an error here: it gives empty
+// outputs, as on every backend of these ops.
 void check_pair(const at::Tensor& z0, const at::Tensor& z1) {
   TORCH_CHECK(z0.dim() == 2 && z1.dim() == 2, "z0 and z1 must be 2-D (N, D)");
   TORCH_CHECK(z0.sizes() == z1.sizes(), "z0 and z1 must have the same shape");
-  TORCH_CHECK(z0.size(0) > 0, "empty batch");
   TORCH_CHECK(at::isFloatingType(z0.scalar_type()) && at::isFloatingType(z1.scalar_type()),
               "z0 and z1 must be floating point");
   TORCH_CHECK(z0.device() == z1.device(), "z0 and z1 must be on the same device");
@@ -20,7 +20,6 @@ void check_negatives(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && negatives.dim() == 2,
               "q, k and negatives must be 2-D");
   TORCH_CHECK(q.sizes() == k.sizes(), "q and k must have the same shape");
-  TORCH_CHECK(q.size(0) > 0, "empty batch");
   TORCH_CHECK(negatives.size(1) == q.size(1), "negatives must have the width of q");
   TORCH_CHECK(at::isFloatingType(q.scalar_type()) && at::isFloatingType(k.scalar_type()) &&
                   at::isFloatingType(negatives.scalar_type()),

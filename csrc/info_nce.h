@@ -10,32 +10,51 @@ constexpr double kNormEps = 1e-12;  // F.normalize's eps
 
 // Rows of x upcast to the accumulation dtype and, when `normalize`, divided by their clamped
 // norm (exactly F.normalize). `rnorm` holds 1/max(||x||, eps) per row (undefined otherwise).
+// `padded` is the buffer x is the head of: x followed by the zero rows asked for (the tiled
+// CPU kernels read past the end to keep their GEMMs above a minimum size).
 struct UnitRows {
   at::Tensor x;
   at::Tensor rnorm;
   at::Tensor norm;
+  at::Tensor padded;
 };
 
 inline at::ScalarType acc_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The rows of `parts`, stacked, upcast and normalized in one new buffer (no other copy: this is
-// the only N x D temporary of a forward).
-inline UnitRows unit_rows(at::TensorList parts, bool normalize, at::ScalarType acc) {
-  int64_t rows = 0;
-  for (const auto& p : parts) rows += p.size(0);
-  at::Tensor x = at::empty({rows, parts[0].size(1)}, parts[0].options().dtype(acc));
-  int64_t r0 = 0;
-  for (const auto& p : parts) {
-    x.narrow(0, r0, p.size(0)).copy_(p);
-    r0 += p.size(0);
-  }
-  if (!normalize) return {x, at::Tensor(), at::Tensor()};
+// A (rows + pad_rows, d) buffer of the accumulation dtype whose last pad_rows rows are zero;
+// the caller fills the first `rows` and hands it to normalize_rows.
+inline at::Tensor row_buffer(int64_t rows, int64_t pad_rows, int64_t d, const at::Tensor& like,
+                             at::ScalarType acc) {
+  at::Tensor buf = at::empty({rows + pad_rows, d}, like.options().dtype(acc));
+  if (pad_rows > 0) buf.narrow(0, rows, pad_rows).zero_();
+  return buf;
+}
+
+// Normalizes (in place) the first `rows` rows of a filled row_buffer.
+inline UnitRows normalize_rows(const at::Tensor& buf, int64_t rows, bool normalize) {
+  at::Tensor x = buf.narrow(0, 0, rows);
+  if (!normalize) return {x, at::Tensor(), at::Tensor(), buf};
   at::Tensor norm = at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/true);
   at::Tensor denom = norm.clamp_min(kNormEps);
   x.div_(denom);
-  return {x, denom.reciprocal(), norm};
+  return {x, denom.reciprocal(), norm, buf};
+}
+
+// The rows of `parts`, stacked, upcast and normalized in one new buffer (no other copy: this is
+// the only N x D temporary of a forward).
+inline UnitRows unit_rows(at::TensorList parts, bool normalize, at::ScalarType acc,
+                          int64_t pad_rows = 0) {
+  int64_t rows = 0;
+  for (const auto& p : parts) rows += p.size(0);
+  at::Tensor buf = row_buffer(rows, pad_rows, parts[0].size(1), parts[0], acc);
+  int64_t r0 = 0;
+  for (const auto& p : parts) {
+    buf.narrow(0, r0, p.size(0)).copy_(p);
+    r0 += p.size(0);
+  }
+  return normalize_rows(buf, rows, normalize);
 }
 
 // <a_i, b_i> for every row, without an N x D temporary.
@@ -71,6 +90,30 @@ inline at::Tensor loss_from_lse_neg(const at::Tensor& lse_neg, const at::Tensor&
   return at::softplus(lse_neg - pos);
 }
 
+// log(l_a e^{t_a} + l_b e^{t_b}): the log-sum-exp of two running states (max, sum) whose maxima
+// are given relative to a pivot (t = m - pivot), i.e. a row's loss when the pivot is its
+// positive logit. Forming each log-sum-exp at the magnitude of the logits (~1/tau) and then
+// subtracting the positive rounds at that scale (1e-6 relative on a loss of log(2N-1) at
+// tau = 0.01); here the maxima only meet as differences. With side a the positive itself
+// (t_a = 0, l_a = 1) this is log1p(l_b e^{t_b}): the correctly rounded log(2N-1) when all
+// logits are equal, and full relative precision when the positive dominates. An empty side has
+// t = -inf, l = 0; side a must not be empty unless b is not either (the caller masks such rows).
+inline at::Tensor log_sum_states(const at::Tensor& ta, const at::Tensor& la, const at::Tensor& tb,
+                                 const at::Tensor& lb) {
+  constexpr double kFar = 20;  // b above a by more: e^(a-b) < 2e-9, the near form could overflow
+  at::Tensor a = ta + at::log(la);
+  at::Tensor b = tb + at::log(lb);
+  at::Tensor near = a + at::log1p(lb / la * at::exp(tb - ta));
+  at::Tensor far = b + at::log1p(at::exp(a - b));
+  return at::where(b - a > kFar, far, near);
+}
+
+// The two-view / MoCo loss of each row from its negatives' state (m, l) and its positive logit.
+inline at::Tensor loss_from_negative_state(const at::Tensor& m, const at::Tensor& l,
+                                           const at::Tensor& pos) {
+  return log_sum_states(at::zeros_like(pos), at::ones_like(pos), m - pos, l);
+}
+
 // What both two-view backward kernels start from: the stacked unit rows, the upstream gradient,
 // and each row's loss and full log-sum-exp re-derived from lse_neg.
 struct PairBackwardInputs {
@@ -81,12 +124,12 @@ struct PairBackwardInputs {
 inline PairBackwardInputs prepare_pair_backward(const at::Tensor& grad_loss,
                                                 const at::Tensor& z0, const at::Tensor& z1,
                                                 const at::Tensor& lse_neg, double inv_t,
-                                                bool normalize) {
+                                                bool normalize, int64_t pad_rows = 0) {
   const int64_t n = z0.size(0);
   TORCH_CHECK(grad_loss.numel() == 2 * n && lse_neg.numel() == 2 * n,
               "grad_loss and lse_neg must have 2N elements");
   const auto acc = acc_dtype(z0);
-  UnitRows u = unit_rows({z0, z1}, normalize, acc);
+  UnitRows u = unit_rows({z0, z1}, normalize, acc, pad_rows);
   at::Tensor pos = pair_positive_logits(u.x, n, inv_t);
   at::Tensor loss = loss_from_lse_neg(lse_neg.to(acc), pos);
   at::Tensor lse = (pos + loss).contiguous();

@@ -41,4 +41,13 @@ SSLK_HD T pair_grad_coef(T s, T lse_i, T lse_j, T g_i, T g_j) {
   return g_i * Math<T>::exp(s - lse_i) + g_j * Math<T>::exp(s - lse_j);
 }
 
+// pair_grad_coef with each row's log-sum-exp given as hi + lo (a float64 value split into the
+// nearest compute-type value and the rest): s - hi is exact for the logits near the top of the
+// row, where the weight is large, so a float32 kernel keeps the weights to the precision of the
+// logits themselves even when lse ~ 1/tau is too large for float32 to hold it to that precision.
+template <typename T>
+SSLK_HD T pair_grad_coef_split(T s, T hi_i, T lo_i, T hi_j, T lo_j, T g_i, T g_j) {
+  return g_i * Math<T>::exp((s - hi_i) - lo_i) + g_j * Math<T>::exp((s - hi_j) - lo_j);
+}
+
 }  // namespace sslk

@@ -103,6 +103,9 @@ std::tuple<at::Tensor, at::Tensor> slice_fwd(const at::Tensor& keys, int64_t off
                                              bool normalize) {
   const Slice sl{offset0, offset1, n};
   check_slice(keys, sl);
+  // ATen GEMMs run on every device here: on CUDA they would follow the global TF32 switches,
+  // and an fp32 loss must not depend on them.
+  const at::NoTF32Guard exact_fp32;
   UnitRows u = unit_rows({keys}, normalize, acc_dtype(keys));
   const Queries qs = queries(u.x, sl);
   const at::Tensor& q = qs.q;
@@ -127,6 +130,7 @@ at::Tensor slice_bwd(const at::Tensor& grad_loss, const at::Tensor& keys, const 
               "grad_loss and lse_neg must have 2n = ", 2 * n, " elements, got ",
               grad_loss.numel(), " and ", lse_neg.numel());
   const auto acc = acc_dtype(keys);
+  const at::NoTF32Guard exact_fp32;
   UnitRows u = unit_rows({keys}, normalize, acc);
   const Queries qs = queries(u.x, sl);
   const at::Tensor& q = qs.q;

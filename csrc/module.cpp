@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "ema.h"
+
 TORCH_LIBRARY(sslkernels, m) {}
 
 PYBIND11_MODULE(_C, m) {
@@ -14,4 +16,5 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   }, "True when this build compiled the CUDA kernels.");
+  sslk::ema::bind_plan(m);
 }

@@ -267,6 +267,48 @@ def test_two_views_and_recipes():
     assert A.TwoViews(A.simclr(8)[0]).view2 == A.simclr(8)[0]
 
 
+def test_multi_views_equal_per_view_augment():
+    """Views that share a config come from one op call over the repeated images; each is what
+    augment gives for its own parameters, and the parameters replay."""
+    imgs = _images([(50, 60), (70, 40), (20, 20)])
+    mv = A.MultiViews.multi_crop("simclr", n_global=2, n_local=3, global_size=16, local_size=8)
+    assert len(mv) == 5
+    out = mv(imgs, generator=torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in out.views] == [(3, 3, 16, 16)] * 2 + [(3, 3, 8, 8)] * 3
+    for v, p, cfg in zip(out.views, out.params, mv.configs):
+        assert torch.equal(v, A.augment(imgs, cfg, params=p).views)
+    assert all(not torch.equal(out.params[i], out.params[j])
+               for i in range(5) for j in range(i))  # independent draws
+    assert mv.configs[2].scale == (0.05, 0.14) and mv.configs[0].scale == (0.14, 1.0)
+    assert mv.configs[2].kernel_size == A.default_blur_kernel_size(8)
+    again = mv(imgs, params=out.params)
+    assert all(torch.equal(a, b) for a, b in zip(again.views, out.views))
+    same = mv(imgs, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(same.views, out.views))
+    assert out.labels().tolist() == [0, 1, 2] * 5
+
+
+def test_multi_views_from_recipe_and_configs():
+    imgs = torch.randint(0, 256, (4, 3, 20, 24), dtype=torch.uint8)
+    out = A.MultiViews("byol", n=3, size=12)(imgs, generator=torch.Generator().manual_seed(1))
+    v1, v2 = A.byol(12)
+    assert len(out.views) == 3 and out.views[0].shape == (4, 3, 12, 12)
+    assert torch.equal(out.views[2], A.augment(imgs, v1, params=out.params[2]).views)
+    assert torch.equal(out.views[1], A.augment(imgs, v2, params=out.params[1]).views)
+    cfg = A.simclr(8)[0]
+    assert A.MultiViews([cfg, cfg]).configs == [cfg, cfg]
+    with pytest.raises(TypeError, match=r"views\[1\] must be a ViewConfig"):
+        A.MultiViews([cfg, "simclr"])
+    with pytest.raises(ValueError, match="n \\(the number of views\\) must be an int >= 1"):
+        A.MultiViews("simclr", n=0)
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        A.MultiViews("swav")
+    with pytest.raises(ValueError, match="params must be a list of 2"):
+        A.MultiViews([cfg, cfg])(imgs, params=[out.params[0]])
+    with pytest.raises(ValueError, match="at least one view"):
+        A.MultiViews.multi_crop(n_global=0, n_local=0)
+
+
 def test_uint8_collate():
     imgs = _images([(10, 12), (10, 12), (7, 9)])
     x, y = A.uint8_collate([(imgs[0], 1), (imgs[1], 2)])

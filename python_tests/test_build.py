@@ -26,11 +26,32 @@ def test_every_op_has_cpu_kernel():
         assert _has_kernel(op, "CPU"), op
 
 
+# Ops whose GPU implementation is Triton (torch.ops.sslkernels_triton.<same name>), not C++.
+TRITON_ON_GPU = ("info_nce_pair_fwd", "info_nce_pair_bwd", "info_nce_neg_fwd")
+
+
 def test_cuda_kernels_registered_when_built():
     if not sslkernels.cuda_built():
         pytest.skip("this build has no CUDA kernels")
     for op in _ext.op_names():
+        if op in TRITON_ON_GPU:
+            continue
         assert _has_kernel(op, "CUDA"), f"{op} has no CUDA kernel although the build had CUDA"
+
+
+def test_triton_ops_cover_the_gpu():
+    # One GPU implementation per kernel: the InfoNCE ops without a C++ CUDA kernel have a
+    # Triton twin of the same name that runs on CUDA.
+    from sslkernels.info_nce import _triton_ops, triton_available
+    if not triton_available():
+        pytest.skip("triton >= 3.6 is not installed")
+    ops = _triton_ops()
+    for op in TRITON_ON_GPU:
+        name = f"sslkernels::{op}"
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sslkernels_triton::{op}",
+                                                              "CUDA"), op
+        assert hasattr(ops, op)
 
 
 def test_cuda_built_where_expected():

@@ -29,7 +29,7 @@ import pytest
 import torch
 from torch import nn
 
-from sslkernels import fused_info_nce
+from sslkernels import fused_info_nce, fused_supcon
 from sslkernels.distributed import (TrainingStep, batch_shuffle, batch_unshuffle, gather_no_grad,
                                     gather_with_grad, wrap_ddp)
 from sslkernels.losses import NTXentLoss
@@ -49,6 +49,17 @@ def _global_views(dtype):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(WORLD * N, D, generator=g, dtype=torch.float64).to(dtype)
             for _ in range(2)]
+
+
+# SupCon: 4 rows per rank; label 0 on both ranks, label 1 across them, three singletons (no
+# positive anywhere), so the ranks hold different numbers of rows with a positive (3 and 2).
+SUPCON_LABELS = torch.tensor([0, 0, 1, 2, 1, 3, 4, 0])
+SUPCON_ROWS = 4
+
+
+def _global_supcon_rows(dtype):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(WORLD * SUPCON_ROWS, D, generator=g, dtype=torch.float64).to(dtype)
 
 
 def _global_batches():
@@ -112,15 +123,27 @@ def _loss_checks(rank):
             out[(dtype, backend)] = (loss.detach(), g0, g1, per_row.detach())
         loss = NTXentLoss(temperature=TEMPERATURE, gather_distributed=True)(z0, z1)
         out[(dtype, "NTXentLoss")] = (loss.detach(), *torch.autograd.grad(loss, (z0, z1)))
+        mine = slice(rank * SUPCON_ROWS, (rank + 1) * SUPCON_ROWS)
+        z = _global_supcon_rows(dtype)[mine].clone().requires_grad_()
+        y = SUPCON_LABELS[mine]
+        for backend in ("cpu", "reference"):
+            loss = fused_supcon(z, y, temperature=TEMPERATURE, backend=backend,
+                                gather_distributed=True)
+            (g,) = torch.autograd.grad(loss, z)
+            per_row = fused_supcon(z, y, temperature=TEMPERATURE, backend=backend,
+                                   gather_distributed=True, reduction="none")
+            out[(dtype, "supcon", backend)] = (loss.detach(), g, per_row.detach())
     out["bank"] = _bank_run(*(v[rows] for v in _global_views(torch.float64)), True)
     return out
 
 
 def _bank_run(z0, z1, gather):
-    """Two calls of NTXentLoss with a memory bank (the MoCo form): losses and the bank."""
+    """Two training calls of NTXentLoss with a memory bank (the MoCo form): losses and the bank.
+    The outputs require a gradient, so each call feeds the bank (lightly's update rule)."""
     torch.manual_seed(2)
     crit = NTXentLoss(temperature=TEMPERATURE, memory_bank_size=(10, D), gather_distributed=gather)
-    losses = torch.stack([crit(z0, z1), crit(z1, z0)])
+    z0, z1 = z0.clone().requires_grad_(), z1.clone().requires_grad_()
+    losses = torch.stack([crit(z0, z1), crit(z1, z0)]).detach()
     return losses, crit.bank.state_dict()
 
 
@@ -237,8 +260,30 @@ def test_gathered_loss_and_gradients_equal_the_global_batch(ranks, dtype, backen
             torch.testing.assert_close(per_row[0].double(), want, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_gathered_supcon_equals_the_global_batch(ranks, dtype, backend):
+    """Each rank's rows against every rank's rows and labels: the mean of the ranks' losses is
+    the global-batch mean over the rows with a positive (the ranks hold 3 and 2 of them), and
+    each rank's rows get W x the gradient of that global loss."""
+    z = _global_supcon_rows(torch.float64).requires_grad_()
+    truth_rows = fused_supcon(z, SUPCON_LABELS, temperature=TEMPERATURE, backend="reference",
+                              reduction="none")
+    truth = fused_supcon(z, SUPCON_LABELS, temperature=TEMPERATURE, backend="reference")
+    (truth_g,) = torch.autograd.grad(truth, z)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    losses = torch.stack([r["loss"][(dtype, "supcon", backend)][0] for r in ranks])
+    torch.testing.assert_close(losses.double().mean(), truth.detach(), **tol)
+    for rank, res in enumerate(ranks):
+        _, g, rows = res["loss"][(dtype, "supcon", backend)]
+        mine = slice(rank * SUPCON_ROWS, (rank + 1) * SUPCON_ROWS)
+        torch.testing.assert_close(g.double(), WORLD * truth_g[mine], **tol)
+        torch.testing.assert_close(rows.double(), truth_rows.detach()[mine], **tol)
+
+
 def test_memory_bank_is_fed_every_rank_and_matches_one_process(ranks):
     losses, bank = _bank_run(*_global_views(torch.float64), False)
+    assert int(bank["ptr"]) == (2 * WORLD * N) % 10  # fed twice with the global batch
     rank_losses = torch.stack([r["loss"]["bank"][0] for r in ranks])
     torch.testing.assert_close(rank_losses.mean(0), losses)
     for r in ranks:

@@ -365,3 +365,78 @@ def test_embedding_std_monitor():
     mon.remove()
     with pytest.raises(ValueError, match="B >= 2"):
         embedding_std(torch.randn(1, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The EMA object the methods hold, and torch.compile of every training step.
+
+def _small(name):
+    torch.manual_seed(4)
+    if name == "simclr":
+        return SimCLR(SmallConvNet(16), 16, proj_dim=8, temperature=0.5)
+    if name == "mocov2":
+        return MoCoV2(SmallConvNet(16), 16, dim=8, mlp_hidden=16, queue_size=24, momentum=0.9)
+    if name == "byol":
+        return BYOL(SmallConvNet(16), 16, proj_hidden=16, proj_dim=8, pred_hidden=16,
+                    base_momentum=0.9)
+    if name == "simclrv2":
+        from sslkernels.methods import SimCLRv2
+        return SimCLRv2(SmallConvNet(16), 16, proj_hidden=16, proj_dim=8, memory_size=20,
+                        momentum=0.9)
+    return SimSiam(SmallConvNet(16), 16, dim=16, pred_dim=8)
+
+
+@pytest.mark.parametrize("name", ["simclr", "simclrv2", "mocov2", "byol", "simsiam"])
+def test_training_step_compiles_fullgraph(name):
+    """torch.compile(training_step, fullgraph=True) (MoCo's includes its momentum update and
+    enqueue) gives eager's losses, parameters, targets and queue, step after step."""
+    torch._dynamo.reset()
+    eager = _small(name)
+    compiled = copy.deepcopy(eager)
+    step = torch.compile(compiled.training_step, fullgraph=True, backend="aot_eager")
+    for views in _batches(seed=5, steps=3):
+        losses = []
+        for method, fn in ((eager, eager.training_step), (compiled, step)):
+            loss = fn(views)
+            loss.backward()
+            with torch.no_grad():
+                for p in method.parameters():
+                    if p.grad is not None:
+                        p.sub_(0.1 * p.grad)
+                        p.grad = None
+            method.after_optimizer_step(0, 3)
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    _assert_params_close([eager], [compiled])
+
+
+@pytest.mark.parametrize("name", ["mocov2", "byol", "simclrv2"])
+def test_method_ema_survives_to(name):
+    """The trainer moves a method after building it (.to(dtype, channels_last)): the EMA object
+    built in __init__ notices and updates the moved tensors, as a fresh ema_update_ does."""
+    from sslkernels.ema import ema_update_
+    method = _small(name)
+    assert not isinstance(method.ema, torch.nn.Module)
+    keys = set(method.state_dict())
+    method.to(torch.float64, memory_format=torch.channels_last)
+    assert set(method.state_dict()) == keys  # the EMA object adds nothing to checkpoints
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    target = {"mocov2": "key_backbone", "byol": "target_backbone",
+              "simclrv2": "memory_backbone"}
+    target = getattr(method, target[name])
+    twin = copy.deepcopy(target)
+    if name == "mocov2":
+        method.momentum_update()
+        m = method.momentum
+    elif name == "simclrv2":
+        method.after_optimizer_step(1, 4)
+        m = method.momentum
+    else:
+        method.after_optimizer_step(1, 4)
+        m = method.current_momentum
+    ema_update_(twin, method.backbone, m, buffers="skip")
+    for (n, u), v in zip(target.named_parameters(), twin.parameters()):
+        assert u.dtype == torch.float64 and torch.equal(u, v), n
+    assert target.features[0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -28,6 +28,8 @@ def same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def positive(name: str, value: Any) -> float:
+    if isinstance(value, (str, bytes)):  # float("0.5") would accept it; a number is expected
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     try:
         v = float(value)
     except (TypeError, ValueError):

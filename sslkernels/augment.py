@@ -504,6 +504,109 @@ class TwoViews:
         return TwoViewBatch(v1, v2, p1, p2)
 
 
+class MultiViewBatch(NamedTuple):
+    """V views of a batch of B images: ``views[v]`` (B, 3, S_v, S_v) and ``params[v]`` (B, 18),
+    in recipe order."""
+    views: list[torch.Tensor]
+    params: list[torch.Tensor]
+
+    def labels(self) -> torch.Tensor:
+        """(V * B,) int64 image index of each view, for the views stacked view-major
+        (``torch.cat(views)``, or the embeddings of each view concatenated in this order): the
+        labels of :func:`sslkernels.fused_supcon` for multi-view SimCLR."""
+        b = self.views[0].shape[0]
+        return torch.arange(b, device=self.views[0].device).repeat(len(self.views))
+
+
+class MultiViews:
+    """V augmented views of every image of a batch in one call: SimCLR with more than two views,
+    multi-crop (SwAV / DINO-style: a few global crops and several small ones), SupCon's batches.
+
+    ``MultiViews("simclr", views=4)`` - four views from a recipe (an asymmetric recipe such as
+    BYOL's alternates its two configs); ``MultiViews([cfg, cfg, small, small])`` - one
+    :class:`ViewConfig` per view; :meth:`multi_crop` - global + local crops from a recipe. Calling
+    it with a uint8 batch (or list of mixed-size images) returns :class:`MultiViewBatch`: the
+    images are packed once, and all the views that share a config are made by one op call (the
+    images' offsets repeated), each view with its own random parameters. ``params=[p_0, ...]``
+    replays. A multi-crop SimCLR / SupCon step::
+
+        batch = MultiViews.multi_crop("simclr", n_global=2, n_local=4)(images, generator=g)
+        z = torch.cat([model(v) for v in batch.views])
+        loss = sslkernels.fused_supcon(z, batch.labels())
+    """
+
+    def __init__(self, views: Sequence[ViewConfig] | str = "simclr", *, n: int | None = None,
+                 size: int = 224, backend: str | None = None):
+        if isinstance(views, str):
+            _validate.choice("recipe", views, tuple(RECIPES))
+            pair = RECIPES[views](size)
+            count = 2 if n is None else n
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"n (the number of views) must be an int >= 1, got {count!r}")
+            views = [pair[v % 2] for v in range(count)]
+        elif n is not None:
+            raise ValueError("n applies to a recipe name; a list of configs gives one view each")
+        if not isinstance(views, (list, tuple)) or len(views) == 0:
+            raise TypeError("views must be a recipe name or a non-empty list of ViewConfig, got "
+                            f"{views!r}")
+        for i, v in enumerate(views):
+            if not isinstance(v, ViewConfig):
+                raise TypeError(f"views[{i}] must be a ViewConfig, got {type(v).__name__}")
+        self.configs = list(views)
+        self.backend = backend
+
+    @classmethod
+    def multi_crop(cls, recipe: str = "simclr", *, n_global: int = 2, n_local: int = 6,
+                   global_size: int = 224, local_size: int = 96,
+                   global_scale: tuple[float, float] = (0.14, 1.0),
+                   local_scale: tuple[float, float] = (0.05, 0.14),
+                   backend: str | None = None) -> "MultiViews":
+        """Multi-crop (Caron et al. 2020, SwAV's defaults): ``n_global`` crops at
+        ``global_size`` with area ``global_scale`` and ``n_local`` crops at ``local_size`` with
+        area ``local_scale``, every other transform from ``recipe`` (the blur kernel follows the
+        crop size). The global views alternate the recipe's two configs; the local ones use
+        its first."""
+        _validate.choice("recipe", recipe, tuple(RECIPES))
+        for name, v in (("n_global", n_global), ("n_local", n_local)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if n_global + n_local == 0:
+            raise ValueError("multi_crop needs at least one view (n_global + n_local >= 1)")
+        pair = RECIPES[recipe](global_size)
+        glob = [pair[v % 2].replace(scale=global_scale) for v in range(n_global)]
+        local = pair[0].replace(size=local_size, scale=local_scale)
+        return cls(glob + [local] * n_local, backend=backend)
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+    def __call__(self, images, generator: torch.Generator | None = None,
+                 params: Sequence[torch.Tensor] | None = None) -> MultiViewBatch:
+        packed = images if isinstance(images, Packed) else pack_images(images)
+        v_count = len(self.configs)
+        if params is not None and (not isinstance(params, (list, tuple)) or
+                                   len(params) != v_count):
+            raise ValueError(f"params must be a list of {v_count} (B, {NUM_PARAMS}) tensors "
+                             "(one per view), as MultiViewBatch.params holds them")
+        b = packed.sizes.shape[0]
+        views: list[torch.Tensor | None] = [None] * v_count
+        out_params: list[torch.Tensor | None] = [None] * v_count
+        # Views with one config: one op call over the images repeated (offsets, not pixels).
+        groups: dict[ViewConfig, list[int]] = {}
+        for v, cfg in enumerate(self.configs):
+            groups.setdefault(cfg, []).append(v)
+        for cfg, idx in groups.items():
+            k = len(idx)
+            rep = packed if k == 1 else Packed(packed.data, packed.meta.repeat(k, 1),
+                                              packed.sizes.repeat(k, 1))
+            p = None if params is None else torch.cat([params[v] for v in idx])
+            out, p = augment(rep, cfg, params=p, generator=generator, backend=self.backend)
+            for j, v in enumerate(idx):
+                views[v] = out[j * b:(j + 1) * b]
+                out_params[v] = p[j * b:(j + 1) * b]
+        return MultiViewBatch(views, out_params)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data loading: workers decode only; augmentation runs in the training step.
 

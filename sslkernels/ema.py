@@ -4,34 +4,32 @@ For every parameter pair, in place,
 
 .. math:: t \leftarrow m\,t + (1 - m)\,o = \operatorname{lerp}(t, o, 1 - m),
 
-evaluated exactly as ``torch.lerp`` rounds it (``ema_math.h``), so the result is bit-identical to
-``torch._foreach_lerp_(target, online, 1 - m)`` in float32. One op call updates the whole list:
-``torch.ops.sslkernels.ema_lerp_`` (C++ CPU kernel: the elements of all tensors split evenly over
-the threads, vectorized; CUDA: a multi-tensor apply, a few launches per list).
+evaluated exactly as ``torch.lerp`` rounds it (``csrc/ema_math.h``), so the result is
+bit-identical to ``torch._foreach_lerp_(target, online, 1 - m)`` in float32. One call updates the
+whole list: the op ``torch.ops.sslkernels.ema_lerp_`` (C++ CPU kernel: the elements of all
+tensors split evenly over the threads, vectorized; CUDA: a multi-tensor apply).
 
 Public API:
 
-* :func:`ema_update_` - the update for two modules or two lists of tensors, with buffers
-  copied, averaged or skipped;
-* :func:`flatten_parameters_` - re-homes a module's parameters (and optionally buffers) as views
-  into one contiguous buffer per (dtype, device); two flattened modules are then updated with
-  one contiguous lerp per buffer;
+* :class:`EMA` - built once for a (target, online) pair of modules or tensor lists; holds the
+  prepared update, and ``ema.update(momentum)`` runs it. What the methods use every step.
+* :func:`ema_update_` - the same update as one stateless call, for lists that change.
+* :func:`flatten_parameters_` / :func:`is_flat` - one contiguous buffer per (dtype, device) for
+  a module's parameters, which :class:`EMA` then updates in one pass per buffer.
 * :func:`cosine_momentum` - BYOL's momentum schedule.
+
+Nothing is cached at module level: every piece of state lives in an :class:`EMA` object.
 """
 from __future__ import annotations
 
-import math
 import numbers
 import re
-import warnings
-import weakref
-from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from . import _ext, _validate  # noqa: F401  (_ext loads the op library)
+from . import _ext, _validate
 from .reference import ema as _ref
 
 BUFFER_MODES = ("copy", "ema", "skip")
@@ -39,7 +37,7 @@ BACKENDS = ("kernel", "reference")
 
 
 # ---------------------------------------------------------------------------------------------
-# The op: fake kernel (it mutates its targets and returns nothing).
+# The op's fake kernel: it mutates its targets and returns nothing.
 
 _COMBOS = {(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
            (torch.float32, torch.float16), (torch.float64, torch.float64),
@@ -64,151 +62,346 @@ def _ema_lerp_fake(target, online, weight):
         if (t.dtype, o.dtype) not in _COMBOS:
             raise TypeError(f"target[{i}] has dtype {t.dtype} and online[{i}] has dtype "
                             f"{o.dtype}, which cannot be combined")
+        if t.requires_grad:
+            raise ValueError(f"target[{i}] requires grad, but the parameters of a target (EMA) "
+                             f"network must have requires_grad=False")
     return None
 
 
-_Plan = torch.classes.sslkernels.EmaPlan
+# ---------------------------------------------------------------------------------------------
+# Arguments, and the pairs an update touches.
+
+def _weight(momentum: Any) -> float:
+    """The lerp weight ``1 - momentum`` of a checked momentum."""
+    if isinstance(momentum, (str, bytes, bool)) or not isinstance(
+            momentum, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
+    return 1.0 - _validate.in_range("momentum", momentum, 0.0, 1.0)
 
 
-class _IdentityOnly(torch.overrides.TorchFunctionMode):
-    """Active only while :func:`_same` compares two tuples: the tuple comparison short-cuts on
-    identical elements without calling ``__eq__``, and any element that is not the cached object
-    reaches ``Tensor.__eq__``, which this mode answers with ``False``."""
+def _check_options(buffers: str, backend: str | None) -> None:
+    _validate.choice("buffers", buffers, BUFFER_MODES)
+    if backend is not None:
+        _validate.choice("backend", backend, BACKENDS)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+
+class _Pairs(NamedTuple):
+    """What one update touches: ``lerp_t[i] <- lerp(lerp_t[i], lerp_o[i], 1 - m)`` (parameters,
+    and floating buffers with ``buffers="ema"``), then ``copy_t[i] <- copy_o[i]`` (buffers).
+    ``names`` holds the parameter names of ``lerp_t`` and ``lerp_o`` (modules only), which
+    error messages add to the kernels' ``target[i]`` / ``online[i]``."""
+    lerp_t: list
+    lerp_o: list
+    copy_t: list
+    copy_o: list
+    names: tuple[list, list]
+
+
+_PLAIN = {torch.Tensor, nn.Parameter}
+
+
+def _tensors(name: str, seq) -> list:
+    items = list(seq)
+    if not _PLAIN.issuperset(map(type, items)):  # else look for the culprit
+        for i, x in enumerate(items):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(x).__name__}")
+    return items
+
+
+def _pairs(target, online, buffers: str, who: str) -> _Pairs:
+    """The pairs of two modules (parameters in ``named_parameters()`` order, buffers in
+    ``named_buffers()`` order, by ``buffers``) or of two sequences of tensors. Checks the counts
+    and the copied buffers; the averaged pairs are the kernels' to check."""
+    if isinstance(target, nn.Module) and isinstance(online, nn.Module):
+        return _module_pairs(target, online, buffers, who)
+    if (isinstance(target, (nn.Module, torch.Tensor, str)) or isinstance(
+            online, (nn.Module, torch.Tensor, str)) or not _iterable(target)
+            or not _iterable(online)):
+        raise TypeError(f"{who}: target and online must both be nn.Modules or both be sequences "
+                        f"of tensors, got {type(target).__name__} and {type(online).__name__}")
+    t, o = _tensors("target", target), _tensors("online", online)
+    return _Pairs(t, o, [], [], ([], []))
+
+
+def _module_pairs(target: nn.Module, online: nn.Module, buffers: str, who: str) -> _Pairs:
+    tp, op = list(target.named_parameters()), list(online.named_parameters())
+    if len(tp) != len(op):
+        raise ValueError(f"{who}: target has {len(tp)} parameters but online has {len(op)}; "
+                         f"target must be a copy of online's architecture")
+    lerp_t, lerp_o = [p for _, p in tp], [p for _, p in op]
+    names = ([n for n, _ in tp], [n for n, _ in op])
+    copy_t, copy_o = [], []
+    if buffers != "skip":
+        tb, ob = list(target.named_buffers()), list(online.named_buffers())
+        if len(tb) != len(ob):
+            raise ValueError(f"{who}: target has {len(tb)} buffers but online has {len(ob)} "
+                             f"(buffers={buffers!r}); pass buffers='skip' to leave buffers alone")
+        for (tn, t), (on, o) in zip(tb, ob):
+            if buffers == "ema" and t.is_floating_point() and o.is_floating_point():
+                lerp_t.append(t)
+                lerp_o.append(o)
+                names[0].append(tn)
+                names[1].append(on)
+            else:
+                _check_copy(len(copy_t), t, o, tn, who)
+                copy_t.append(t)
+                copy_o.append(o)
+    return _Pairs(lerp_t, lerp_o, copy_t, copy_o, names)
+
+
+def _check_copy(i: int, t: torch.Tensor, o: torch.Tensor, name: str, who: str) -> None:
+    pair = f"{who}: buffer target[{i}] ({name!r}) and online[{i}]"
+    if t.device != o.device:
+        raise ValueError(f"{pair} must be on the same device, got {t.device} and {o.device}")
+    if t.shape != o.shape:
+        raise ValueError(f"{pair} must have the same shape, got {list(t.shape)} and "
+                         f"{list(o.shape)}")
+    if t.dtype != o.dtype and not (t.is_floating_point() and o.is_floating_point()):
+        raise TypeError(f"{pair} have dtypes {t.dtype} and {o.dtype}: a buffer is copied only "
+                        f"between equal dtypes or two floating dtypes")
+    if t.requires_grad:
+        raise ValueError(f"{pair}: the buffer requires grad; buffers of a target network must not")
+
+
+def _iterable(x: Any) -> bool:
+    try:
+        iter(x)
+    except TypeError:
         return False
-
-
-_IDENTITY_ONLY = _IdentityOnly()
-
-
-def _same(*pairs: tuple[Sequence, Sequence]) -> bool:
-    """For every pair (a, b): ``a`` holds the very objects of the cached ``b``, in order
-    (identity, never value equality). About 2 ns per element, against 20 ns for
-    ``all(map(operator.is_, a, b))``."""
-    with _IDENTITY_ONLY:
-        for a, b in pairs:
-            if len(a) != len(b):
-                return False
-            if type(a) is not type(b):
-                a, b = tuple(a), tuple(b)
-            if not a == b:
-                return False
     return True
 
 
-# ---------------------------------------------------------------------------------------------
-# Module snapshots: the parameters and buffers of a module, in ``named_parameters()`` /
-# ``named_buffers()`` order, re-derived only when the module's structure changed. Checking a
-# snapshot costs one walk over the submodules and an identity comparison of the raw dictionary
-# values, so a module whose parameter is replaced, deleted or re-registered, or whose buffers
-# ``.to()`` replaced, gets a new snapshot (and a new plan) on the next call.
-
-class _Snapshot:
-    __slots__ = ("mods", "raw_params", "raw_buffers", "params", "buffers", "entry",
-                 "__weakref__")
-
-    def __init__(self, mods, raw_params, raw_buffers):
-        self.mods, self.raw_params, self.raw_buffers = mods, raw_params, raw_buffers
-        self.params = _dedup(raw_params)
-        self.buffers = _dedup(raw_buffers)
-        self.entry = None  # the cached _Entry whose target is this snapshot
+_INDEX = re.compile(r"\b(target|online)\[(\d+)\]")
 
 
-def _dedup(raw: list) -> tuple:
-    seen: set[int] = set()
-    out = []
-    for t in raw:
-        if t is not None and id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return tuple(out)
+def _named(exc: Exception, pairs: _Pairs, who: str) -> Exception:
+    """``exc`` (a kernel's check) with the parameter name after each ``target[i]``/``online[i]``."""
+    def sub(m):
+        names = pairs.names[m.group(1) == "online"]
+        i = int(m.group(2))
+        return f"{m.group(0)} ({names[i]!r})" if i < len(names) else m.group(0)
+    return type(exc)(f"{who}: " + _INDEX.sub(sub, str(exc)))
 
 
-def _walk(module: nn.Module) -> tuple[list, list, list]:
-    """Submodules (pre-order, shared ones once, the root left out so that a snapshot never
-    references its own module) and the raw values of every ``_parameters``/``_buffers`` dict."""
-    mods: list = []
-    raw_p = list(module._parameters.values())
-    raw_b = list(module._buffers.values())
-    if not module._modules:
-        return mods, raw_p, raw_b
-    seen = {id(module)}
-    stack = list(reversed(module._modules.values()))
-    while stack:
-        m = stack.pop()
-        if m is None or id(m) in seen:
-            continue
-        seen.add(id(m))
-        mods.append(m)
-        if m._modules:
-            stack.extend(reversed(m._modules.values()))
-    for m in mods:
-        raw_p.extend(m._parameters.values())
-        raw_b.extend(m._buffers.values())
-    return mods, raw_p, raw_b
-
-
-_SNAPSHOTS: "weakref.WeakKeyDictionary[nn.Module, _Snapshot]" = weakref.WeakKeyDictionary()
-
-
-def _snapshot(module: nn.Module) -> _Snapshot:
-    mods, raw_p, raw_b = _walk(module)
-    snap = _SNAPSHOTS.get(module)
-    if snap is None or not _same((mods, snap.mods), (raw_p, snap.raw_params),
-                                 (raw_b, snap.raw_buffers)):
-        snap = _Snapshot(mods, raw_p, raw_b)
-        _SNAPSHOTS[module] = snap
-    return snap
+def _run(pairs: _Pairs, weight: float, backend: str | None, who: str) -> None:
+    """One update through the op (or ``_foreach_lerp_`` for the reference backend), every pair
+    checked before the first write; then the buffer copies."""
+    with torch.no_grad():
+        try:
+            if backend == "reference":
+                if not torch.compiler.is_compiling():
+                    _ext._C.ema_check_lists(pairs.lerp_t, pairs.lerp_o, weight)
+                if pairs.lerp_t:
+                    torch._foreach_lerp_(pairs.lerp_t, [o.to(t.dtype) for t, o in
+                                                        zip(pairs.lerp_t, pairs.lerp_o)], weight)
+            else:
+                torch.ops.sslkernels.ema_lerp_(pairs.lerp_t, pairs.lerp_o, weight)
+        except (ValueError, TypeError) as exc:
+            raise _named(exc, pairs, who) from None
+        if pairs.copy_t:
+            torch._foreach_copy_(pairs.copy_t, pairs.copy_o)
 
 
 # ---------------------------------------------------------------------------------------------
-# Flat-buffer mode.
+# The object.
+
+class EMA:
+    r"""The EMA of a target network towards an online network, built once, updated every step:
+
+    .. math:: t \leftarrow m\,t + (1 - m)\,o \quad\text{for every parameter pair } (t, o),
+
+    computed as ``lerp(t, o, 1 - m)``, bit-identical to ``torch._foreach_lerp_`` in float32,
+    under ``torch.no_grad()``.
+
+    Args:
+        target: the target (momentum) network, written in place: an ``nn.Module`` whose
+            parameters have ``requires_grad=False``, or a list or tuple of such tensors.
+        online: the online network, read only: a module of the same architecture (parameters in
+            the same order, e.g. the module ``target`` was deep-copied from), or a list or tuple
+            of tensors of the same length.
+        momentum: the default :math:`m \in [0, 1]` of :meth:`update` (1 keeps ``target``, 0
+            copies ``online``).
+        buffers: modules only - ``"copy"`` (default: BatchNorm running statistics and
+            ``num_batches_tracked`` copied), ``"ema"`` (floating buffers averaged like
+            parameters, integer buffers copied) or ``"skip"``.
+        backend: ``None``/``"kernel"`` (the C++/CUDA kernels) or ``"reference"``
+            (``torch._foreach_lerp_``, after the same checks).
+        flat: move the averaged tensors of both sides (parameters, and floating buffers with
+            ``buffers="ema"``) into one contiguous buffer per (dtype, device), as
+            :func:`flatten_parameters_` does (same objects, values and strides), at
+            construction and again whenever a rebuild finds them moved out (``.to()``), so an
+            update is one pass over each buffer. This re-homes ``online``'s tensors too.
+
+    Supported pairs (target dtype, online dtype), one device per object: (float32, float32 /
+    bfloat16 / float16), (float64, float64), (bfloat16, bfloat16), (float16, float16). Shapes
+    must match.
+
+    Construction checks every pair, as :func:`ema_update_` does (mismatched counts, shapes,
+    dtypes or devices, a target that requires grad, tensors sharing memory; ``ValueError`` /
+    ``TypeError`` naming the parameter), and prepares the update: the pairs with their data
+    pointers, and a record of what it depends on. :meth:`update` first checks that nothing it
+    depends on changed, in a few nanoseconds per tensor:
+
+    * every module of ``target`` and ``online`` still holds the same parameter, submodule and
+      (unless ``buffers="skip"``) buffer objects: nothing replaced, added or deleted
+      (``module.fc = nn.Linear(...)``, ``module.w = nn.Parameter(...)``); a list still holds the
+      same tensors;
+    * every tensor still has its dtype, device, shape, strides and data pointer (``.to()``,
+      ``.half()``, ``.cuda()``, ``.data = ...``, ``swap_tensors``), and every target still has
+      ``requires_grad=False``.
+
+    When something changed it rebuilds the prepared update, which checks everything again, so a
+    change that makes the pair invalid raises before anything is written. Otherwise an update
+    is one kernel call on the prepared pairs. Parameters that lie back to back in memory in both
+    networks (two modules flattened by :func:`flatten_parameters_`) are one pair: one pass over
+    each flat buffer.
+
+    Under ``torch.compile`` (``fullgraph=True`` works), in a dispatch mode, for tensor
+    subclasses and with ``backend="reference"``, :meth:`update` instead collects the pairs again
+    and calls the op (as :func:`ema_update_` does), so the tracer sees the op and guards on the
+    modules itself. The op's weight is a constant of a compiled graph: a momentum that changes
+    every step (BYOL's schedule) recompiles, so call such an update outside the compiled
+    region; a fixed one (MoCo's, inside its training step) compiles once.
+
+    The object references ``target`` and ``online`` (and their tensors) and nothing else; it is
+    not an ``nn.Module``, so a module holding it keeps its ``state_dict``. ``copy.deepcopy`` and
+    pickling carry the configuration and re-prepare on the next update.
+    """
+
+    def __init__(self, target: nn.Module | Sequence[torch.Tensor],
+                 online: nn.Module | Sequence[torch.Tensor], momentum: float, *,
+                 buffers: str = "copy", backend: str | None = None, flat: bool = False):
+        _check_options(buffers, backend)
+        _weight(momentum)
+        if not all(isinstance(x, nn.Module) for x in (target, online)) and not all(
+                isinstance(x, (list, tuple)) for x in (target, online)):
+            raise TypeError(f"EMA: target and online must both be nn.Modules or both be lists or "
+                            f"tuples of tensors, got {type(target).__name__} and "
+                            f"{type(online).__name__}")
+        self.target, self.online = target, online
+        self.momentum = float(momentum)
+        self.buffers, self.backend, self.flat = buffers, backend, bool(flat)
+        self._prepare()
+
+    def update(self, momentum: float | None = None) -> None:
+        """One EMA step with ``momentum`` (default: ``self.momentum``); see the class docstring
+        for what it checks first."""
+        weight = _weight(self.momentum if momentum is None else momentum)
+        if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._len_torch_function_stack()):
+            _run(_pairs(self.target, self.online, self.buffers, "EMA"), weight, self.backend,
+                 "EMA")
+            return
+        # the prepared step records no autograd history: it writes through the kernels and
+        # bumps the targets' versions itself
+        if self._plan is not None and self._plan.step(*self._watched, weight):
+            return
+        with torch.no_grad():
+            self._prepare()
+            if self._plan is None:
+                _run(self._pairs, weight, self.backend, "EMA")
+            elif not self._plan.step(*self._watched, weight):
+                raise RuntimeError("EMA: internal error: a freshly prepared update was refused")
+
+    def state_dict(self) -> dict:
+        """``{"momentum": m}``: the object's only state (the networks belong to their owner)."""
+        return {"momentum": self.momentum}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"momentum"}:
+            raise ValueError(f"EMA.load_state_dict: expected the key 'momentum', got {sorted(state)}")
+        _weight(state["momentum"])
+        self.momentum = float(state["momentum"])
+
+    def __getstate__(self) -> dict:
+        return {k: self.__dict__[k] for k in ("target", "online", "momentum", "buffers",
+                                              "backend", "flat")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._plan, self._pairs, self._watched = None, None, ()
+
+    def __repr__(self) -> str:
+        kind = "modules" if isinstance(self.target, nn.Module) else "tensors"
+        return (f"EMA({kind}, momentum={self.momentum}, buffers={self.buffers!r}, "
+                f"backend={self.backend!r}, flat={self.flat})")
+
+    def _prepare(self) -> None:
+        """Collects and checks the pairs, moves them into flat buffers (``flat=True``) and
+        prepares the kernel step when the tensors allow it."""
+        pairs = _pairs(self.target, self.online, self.buffers, "EMA")
+        try:
+            _ext._C.ema_check_lists(pairs.lerp_t, pairs.lerp_o, 0.0)
+        except (ValueError, TypeError) as exc:
+            self._plan = None
+            raise _named(exc, pairs, "EMA") from None
+        if self.flat and not (_one_storage_each(pairs.lerp_t) and _one_storage_each(pairs.lerp_o)):
+            with torch.no_grad():
+                _flatten(pairs.lerp_t)
+                _flatten(pairs.lerp_o)
+        tensors = (*pairs.lerp_t, *pairs.lerp_o, *pairs.copy_t, *pairs.copy_o)
+        plain = self.backend != "reference" and all(
+            type(t) in _PLAIN and t.device.type in ("cpu", "cuda") and not t.is_inference()
+            for t in tensors)
+        containers = self._containers()
+        expected = tuple(v for c in containers for v in (c.values() if isinstance(c, dict) else c))
+        self._plan = (_ext._C.EmaPlan(pairs.lerp_t, pairs.lerp_o, pairs.copy_t, pairs.copy_o,
+                                      containers) if plain else None)
+        # what the plan's step checks: the tensors, and the containers holding what they held
+        self._pairs, self._watched = pairs, (tensors, containers, expected)
+
+    def _containers(self) -> tuple:
+        """Every container whose contents the prepared update depends on: the parameter,
+        submodule and buffer dicts of every module, or the lists given."""
+        if not isinstance(self.target, nn.Module):
+            return tuple(seq for seq in (self.target, self.online) if isinstance(seq, list))
+        out: list = []
+        for module in (self.target, self.online):
+            for m in module.modules():
+                out += [m._parameters, m._modules]
+                if self.buffers != "skip":
+                    out.append(m._buffers)
+        return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stateless form.
+
+def ema_update_(target: nn.Module | Sequence[torch.Tensor],
+                online: nn.Module | Sequence[torch.Tensor], momentum: float, *,
+                buffers: str = "copy", backend: str | None = None) -> None:
+    r"""In-place EMA of ``target``'s parameters towards ``online``'s, as one stateless call:
+
+    .. math:: t \leftarrow m\,t + (1 - m)\,o \quad\text{for every parameter pair } (t, o),
+
+    computed as ``lerp(t, o, 1 - m)`` and bit-identical to
+    ``torch._foreach_lerp_(target, online, 1 - m)`` in float32 (for ``1 - m < 0.5``:
+    ``t + w (o - t)``, else ``o - (o - t)(1 - w)``, each with one rounding). Runs under
+    ``torch.no_grad()`` and records no autograd history.
+
+    Args:
+        target, online: two modules or two sequences of tensors, as for :class:`EMA`.
+        momentum: :math:`m \in [0, 1]`.
+        buffers, backend: as for :class:`EMA`.
+
+    Every pair is checked before anything is written: bad input raises ``ValueError`` /
+    ``TypeError`` naming the tensor (and, for modules, the parameter) and leaves every tensor
+    untouched. One op call updates the whole list, and nothing is kept between calls: each call
+    pays for collecting and checking the pairs. A training loop that updates the same networks
+    every step should hold an :class:`EMA` instead, which checks once and is several times
+    faster on long parameter lists.
+    """
+    weight = _weight(momentum)
+    _check_options(buffers, backend)
+    _run(_pairs(target, online, buffers, "ema_update_"), weight, backend, "ema_update_")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat buffers.
 
 _ALIGN = 32  # every view starts on a multiple of 32 elements (128 B in float32), in every dtype,
 #              so two modules of different dtypes get the same element offsets
-
-_FLAT_GENERATION = 0  # bumped by every flatten_parameters_ call: cached plans are rebuilt
-
-
-class _FlatGroup:
-    """One contiguous buffer holding the members of one (dtype, device) group."""
-    __slots__ = ("flat", "members", "offsets", "shapes", "strides")
-
-    def __init__(self, flat, members, offsets, shapes, strides):
-        self.flat, self.members, self.offsets = flat, members, offsets
-        self.shapes, self.strides = shapes, strides
-
-    def intact(self, tensors: Sequence[torch.Tensor]) -> bool:
-        base, size = self.flat.data_ptr(), self.flat.element_size()
-        for i, off, shape, stride in zip(self.members, self.offsets, self.shapes, self.strides):
-            t = tensors[i]
-            if ((t.numel() and t.data_ptr() != base + off * size) or t.dtype != self.flat.dtype
-                    or t.device != self.flat.device or t.shape != shape
-                    or t.stride() != stride):
-                return False
-        return True
-
-    def matches(self, other: "_FlatGroup") -> bool:
-        return (self.members == other.members and self.offsets == other.offsets
-                and self.shapes == other.shapes and self.strides == other.strides
-                and self.flat.shape == other.flat.shape)
-
-
-class _FlatLayout:
-    __slots__ = ("snapshot", "params", "buffers")
-
-    def __init__(self, snapshot, params, buffers):
-        self.snapshot = snapshot
-        self.params: list[_FlatGroup] = params
-        self.buffers: list[_FlatGroup] | None = buffers
-
-    def intact(self, snap: _Snapshot) -> bool:
-        return (snap is self.snapshot and all(g.intact(snap.params) for g in self.params)
-                and (self.buffers is None or all(g.intact(snap.buffers) for g in self.buffers)))
-
-
-_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, _FlatLayout]" = weakref.WeakKeyDictionary()
 
 
 def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -223,403 +416,68 @@ def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
-def _flatten_group(tensors: Sequence[torch.Tensor]) -> list[_FlatGroup]:
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.dtype, t.device), []).append(i)
-    out = []
+def _flatten(tensors: Sequence[torch.Tensor]) -> None:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
     for (dtype, device), members in groups.items():
         offsets, total = [], 0
-        for i in members:
+        for t in members:
             offsets.append(total)
-            total += -(-tensors[i].numel() // _ALIGN) * _ALIGN
+            total += -(-t.numel() // _ALIGN) * _ALIGN
         flat = torch.zeros(total, dtype=dtype, device=device)
-        shapes, strides = [], []
-        for i, off in zip(members, offsets):
-            t = tensors[i]
+        for t, off in zip(members, offsets):
             view = flat.as_strided(t.shape, _dense_strides(t), off)
             view.copy_(t)
-            t.data = view  # same Parameter/buffer object, now living in `flat`
-            shapes.append(t.shape)
-            strides.append(tuple(view.stride()))
-        out.append(_FlatGroup(flat, tuple(members), tuple(offsets), tuple(shapes),
-                              tuple(strides)))
-    return out
+            t.data = view  # the same Parameter/buffer object, now living in `flat`
 
 
 @torch.no_grad()
 def flatten_parameters_(module: nn.Module, *, buffers: bool = False) -> nn.Module:
     r"""Re-homes ``module``'s parameters (and, with ``buffers=True``, its buffers) as views into
-    one contiguous 1-D buffer per (dtype, device), in place; returns ``module``.
+    one contiguous 1-D buffer per (dtype, device), in ``parameters()`` order, in place; returns
+    ``module``.
 
     Every parameter stays the same :class:`~torch.nn.Parameter` object with the same values,
     shape, strides (channels-last weights stay channels-last), ``requires_grad`` and ``.grad``,
     so forward, ``state_dict``/``load_state_dict``, optimizers and hooks work as before. Views
     start on multiples of 32 elements; the gaps are zeros.
 
-    :func:`ema_update_` on two flattened modules with matching layouts (same parameter shapes and
-    strides in the same order, e.g. a module and its ``copy.deepcopy`` each flattened) updates
-    each flat buffer with one contiguous lerp pass instead of one pass per tensor. If a
-    flattened module is later moved or cast (``.to()``, ``.half()``), or a parameter is
-    replaced, its parameters no longer live in the buffer: :func:`ema_update_` notices, warns
-    once and falls back to the per-tensor update (call ``flatten_parameters_`` again).
-    ``copy.deepcopy`` of a flattened module gives an ordinary (unflattened) module.
+    An :class:`EMA` of two flattened modules with the same layout (e.g. a module and its
+    ``copy.deepcopy``, each flattened) updates each run of back-to-back parameters in one pass.
+    Moving or casting a flattened module (``.to()``, ``.half()``) or replacing a parameter
+    takes those parameters out of the buffer (:func:`is_flat` turns false); the :class:`EMA`
+    notices and updates them one by one. ``copy.deepcopy`` of a flattened module gives an
+    ordinary (unflattened) module.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    global _FLAT_GENERATION
-    snap = _snapshot(module)
-    pg = _flatten_group(snap.params)
-    bg = _flatten_group(snap.buffers) if buffers else None
-    _LAYOUTS[module] = _FlatLayout(snap, pg, bg)
-    _FLAT_GENERATION += 1
+    _flatten(list(module.parameters()))
+    if buffers:
+        _flatten(list(module.buffers()))
     return module
 
 
 def is_flat(module: nn.Module) -> bool:
-    """True while ``module``'s parameters live in the buffers of :func:`flatten_parameters_`."""
-    layout = _LAYOUTS.get(module)
-    return layout is not None and layout.intact(_snapshot(module))
+    """True when all of ``module``'s parameters of each (dtype, device) share one storage, as
+    :func:`flatten_parameters_` leaves them (and False once one was moved out of it)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    return _one_storage_each(module.parameters())
 
 
-# ---------------------------------------------------------------------------------------------
-# Plans: a prepared C++ update (torch.classes.sslkernels.EmaPlan) for one (target, online) pair
-# of modules or lists, reused while the pair is unchanged. The plan holds the tensors, so a step
-# costs one method call rather than converting two lists of tensors; it re-runs every check of
-# every pair on every call, before writing anything.
-
-class _Entry:
-    __slots__ = ("plan", "online", "mode", "generation", "flat", "lists", "names", "direct")
-
-    def __init__(self, plan, online, mode, flat, lists, names):
-        self.plan, self.online, self.mode, self.flat = plan, online, mode, flat
-        self.generation = _FLAT_GENERATION
-        self.lists = lists          # (lerp_t, lerp_o, copy_t, copy_o) as Python lists
-        self.names = names          # () -> {"target": [...], "online": [...], ...} for messages
-        # plain CPU/CUDA tensors may skip the dispatcher (EmaPlan.update's `direct`); tensor
-        # subclasses (FakeTensor, DTensor, ...) and meta tensors always go through the op
-        self.direct = all(type(t) in _PLAIN and t.device.type in ("cpu", "cuda")
-                          for lst in lists[:2] for t in lst)
-
-
-_PLAIN = (torch.Tensor, nn.Parameter)
-
-
-def _make_plan(lt, lo, ct, co, views=None):
-    plan = _Plan(lt, lo, ct, co)
-    if views is not None:
-        plan.set_views(*views)
-    return plan
-
-
-def _module_names(module: nn.Module | None, n_params: int, n_buffers: int):
-    if module is None:
-        return None, None
-    pn = [n for n, _ in module.named_parameters()]
-    bn = [n for n, _ in module.named_buffers()]
-    return (pn if len(pn) == n_params else None), (bn if len(bn) == n_buffers else None)
-
-
-def _split_buffers(tb, ob, mode):
-    """(lerp pairs, copy pairs) of the buffers: indices into the buffer lists."""
-    if mode == "skip":
-        return [], []
-    if mode == "copy":
-        return [], list(range(len(tb)))
-    lerp, copy = [], []
-    for i, (t, o) in enumerate(zip(tb, ob)):
-        (lerp if t.is_floating_point() and o.is_floating_point() else copy).append(i)
-    return lerp, copy
-
-
-def _flat_pair(target, online, st, so):
-    """The matching flat layouts of two modules, or None (with a warning when both are flat but
-    cannot be used together)."""
-    lt, lo = _LAYOUTS.get(target), _LAYOUTS.get(online)
-    if lt is None or lo is None:
-        return None
-    for mod, layout, snap in ((target, lt, st), (online, lo, so)):
-        if not layout.intact(snap):
-            del _LAYOUTS[mod]
-            warnings.warn("ema_update_: a module flattened by flatten_parameters_ no longer keeps "
-                          "its parameters in the flat buffer (moved, cast, or a parameter was "
-                          "replaced); using the per-tensor update. Call flatten_parameters_ "
-                          "again to restore the single-pass update.", stacklevel=4)
-            return None
-    if len(lt.params) != len(lo.params) or not all(
-            a.matches(b) for a, b in zip(lt.params, lo.params)):
-        warnings.warn("ema_update_: target and online are both flattened but their flat layouts "
-                      "differ (parameter order, shapes, strides or dtype grouping); using the "
-                      "per-tensor update", stacklevel=4)
-        return None
-    return lt, lo
-
-
-def _build_module_entry(target, online, st, so, mode) -> _Entry:
-    tp, op = st.params, so.params
-    if len(tp) != len(op):
-        raise ValueError(f"ema_update_: target has {len(tp)} parameters but online has "
-                         f"{len(op)}; target must be a copy of online's architecture")
-    tb, ob = (st.buffers, so.buffers) if mode != "skip" else ((), ())
-    if len(tb) != len(ob):
-        raise ValueError(f"ema_update_: target has {len(tb)} buffers but online has {len(ob)} "
-                         f"(buffers={mode!r}); pass buffers='skip' to leave buffers alone")
-
-    # weak: the entry lives in the target's snapshot, which must not keep the module alive
-    target_ref, online_ref = weakref.ref(target), weakref.ref(online)
-    n_tb, n_ob = len(st.buffers), len(so.buffers)
-
-    def names():
-        tpn, tbn = _module_names(target_ref(), len(tp), n_tb)
-        opn, obn = _module_names(online_ref(), len(op), n_ob)
-        return tpn, tbn, opn, obn
-
-    flat = _flat_pair(target, online, st, so)
-    views_t: list = []
-    views_o: list = []
-    if flat is not None:
-        lay_t, lay_o = flat
-        lt = [g.flat for g in lay_t.params]
-        lo = [g.flat for g in lay_o.params]
-        ct, co = [], []
-        views_t, views_o = list(tp), list(op)
-        flat_buffers = lay_t.buffers is not None and lay_o.buffers is not None and (
-            len(lay_t.buffers) == len(lay_o.buffers)
-            and all(a.matches(b) for a, b in zip(lay_t.buffers, lay_o.buffers)))
-        if mode != "skip" and flat_buffers:
-            gt = [g.flat for g in lay_t.buffers]
-            go = [g.flat for g in lay_o.buffers]
-            li, ci = _split_buffers(gt, go, mode)
-            lt += [gt[i] for i in li]
-            lo += [go[i] for i in li]
-            ct += [gt[i] for i in ci]
-            co += [go[i] for i in ci]
-            views_t += list(tb)
-            views_o += list(ob)
-        elif mode != "skip":
-            li, ci = _split_buffers(tb, ob, mode)
-            # float buffers of unflattened modules are averaged as their own pairs
-            lt += [tb[i] for i in li]
-            lo += [ob[i] for i in li]
-            ct += [tb[i] for i in ci]
-            co += [ob[i] for i in ci]
-        else:
-            li, ci = [], []
-
-        def flat_names():
-            tpn, tbn, opn, obn = names()
-            flat_t = [f"flat {g.flat.dtype} buffer on {g.flat.device}" for g in lay_t.params]
-            flat_o = [f"flat {g.flat.dtype} buffer on {g.flat.device}" for g in lay_o.params]
-            if flat_buffers and mode != "skip":
-                bt = [f"flat {g.flat.dtype} buffer of buffers" for g in lay_t.buffers]
-                bo = [f"flat {g.flat.dtype} buffer of buffers" for g in lay_o.buffers]
-            else:
-                bt, bo = tbn, obn
-            return {"target": flat_t + _pick(bt, li), "online": flat_o + _pick(bo, li),
-                    "buffer target": _pick(bt, ci), "buffer online": _pick(bo, ci),
-                    "target parameter": (tpn or []) + ((tbn or []) if len(views_t) > len(tp)
-                                                       else [])}
-
-        plan = _make_plan(lt, lo, ct, co, (views_t, views_o))
-        return _Entry(plan, so, mode, True, (lt, lo, ct, co), flat_names)
-
-    li, ci = _split_buffers(tb, ob, mode)
-    lt = list(tp) + [tb[i] for i in li]
-    lo = list(op) + [ob[i] for i in li]
-    ct = [tb[i] for i in ci]
-    co = [ob[i] for i in ci]
-
-    def list_names():
-        tpn, tbn, opn, obn = names()
-        return {"target": (tpn or []) + _pick(tbn, li), "online": (opn or []) + _pick(obn, li),
-                "buffer target": _pick(tbn, ci), "buffer online": _pick(obn, ci)}
-
-    plan = _make_plan(lt, lo, ct, co)
-    return _Entry(plan, so, mode, False, (lt, lo, ct, co), list_names)
-
-
-def _pick(names, idx):
-    return [names[i] for i in idx] if names is not None else []
-
-
-_LIST_ENTRIES: "OrderedDict[tuple[int, int], tuple]" = OrderedDict()
-_MAX_LIST_ENTRIES = 4
-
-
-def _list_entry(target, online, cache: bool) -> _Entry:
-    key = (id(target), id(online))
-    hit = _LIST_ENTRIES.get(key)
-    if hit is not None:
-        t_obj, o_obj, t_items, o_items, entry = hit
-        if t_obj is target and o_obj is online and _same((target, t_items), (online, o_items)):
-            return entry
-    t_items = list(target) if isinstance(target, list) else tuple(target)
-    o_items = list(online) if isinstance(online, list) else tuple(online)
-    for name, items in (("target", t_items), ("online", o_items)):
-        for i, x in enumerate(items):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"ema_update_: {name}[{i}] must be a torch.Tensor, got "
-                                f"{type(x).__name__}")
-    if len(t_items) != len(o_items):
-        raise ValueError(f"ema_update_: target and online must hold the same number of tensors, "
-                         f"got {len(t_items)} and {len(o_items)}")
-    lt, lo = list(t_items), list(o_items)
-    entry = _Entry(_make_plan(lt, lo, [], []), None, None, False, (lt, lo, [], []), dict)
-    if cache:
-        _LIST_ENTRIES[key] = (target, online, t_items, o_items, entry)
-        while len(_LIST_ENTRIES) > _MAX_LIST_ENTRIES:
-            _LIST_ENTRIES.popitem(last=False)
-    return entry
-
-
-def clear_cache() -> None:
-    """Drops every prepared update :func:`ema_update_` keeps. They hold references to the
-    tensors of the last few lists and of each target/online module pair; under
-    ``torch.__future__.set_swap_module_params_on_conversion(True)`` a module whose tensors are
-    referenced cannot be converted (``.to()``, ``.half()``), so call this first if the flag was
-    switched on after updates were made (with the flag on, no module plan is kept)."""
-    _LIST_ENTRIES.clear()
-    for snap in list(_SNAPSHOTS.values()):
-        snap.entry = None
-
-
-_INDEX = re.compile(r"(target parameter|buffer target|buffer online|target|online)\[(\d+)\]")
-
-
-def _named_error(exc: Exception, entry: _Entry) -> Exception:
-    try:
-        names = entry.names()
-    except Exception:  # pragma: no cover - naming is best effort
-        names = {}
-    if "buffer target" in names:
-        names.setdefault("online", [])
-
-    def sub(m):
-        kind, i = m.group(1), int(m.group(2))
-        lst = names.get(kind)
-        return f"{m.group(0)} ({lst[i]!r})" if lst and i < len(lst) and lst[i] else m.group(0)
-
-    return type(exc)("ema_update_: " + _INDEX.sub(sub, str(exc)))
-
-
-def _reference_update(entry: _Entry, weight: float) -> None:
-    lt, lo, ct, co = entry.lists
-    if lt:
-        torch._foreach_lerp_(lt, [o.to(t.dtype) for t, o in zip(lt, lo)], weight)
-    for t, o in zip(ct, co):
-        t.copy_(o)
-
-
-# ---------------------------------------------------------------------------------------------
-# Public API.
-
-def ema_update_(target: nn.Module | Sequence[torch.Tensor],
-                online: nn.Module | Sequence[torch.Tensor], momentum: float, *,
-                buffers: str = "copy", backend: str | None = None) -> None:
-    r"""In-place EMA of ``target``'s parameters towards ``online``'s:
-
-    .. math:: t \leftarrow m\,t + (1 - m)\,o \quad\text{for every parameter pair } (t, o),
-
-    computed as ``lerp(t, o, 1 - m)`` and bit-identical to
-    ``torch._foreach_lerp_(target, online, 1 - m)`` in float32 (for ``1 - m < 0.5``:
-    ``t + w (o - t)``, else ``o - (o - t)(1 - w)``, each with one rounding). Runs under
-    ``torch.no_grad()`` and records no autograd history.
-
-    Args:
-        target: the target (momentum) network: an ``nn.Module`` whose parameters have
-            ``requires_grad=False``, or a sequence of such tensors. Written in place.
-        online: the online network: a module of the same architecture (its parameters in the
-            same order, e.g. the module ``target`` was deep-copied from), or a sequence of
-            tensors of the same length. Read only.
-        momentum: :math:`m \in [0, 1]`; 1 keeps ``target``, 0 copies ``online``.
-        buffers: modules only - what happens to the buffers (BatchNorm ``running_mean``,
-            ``running_var``, ``num_batches_tracked``): ``"copy"`` (default, what MoCo/BYOL
-            implementations that track buffers do), ``"ema"`` (floating buffers averaged like
-            parameters, integer buffers copied) or ``"skip"``.
-        backend: ``None``/``"kernel"`` (the C++/CUDA op) or ``"reference"`` (plain PyTorch
-            ``_foreach_lerp_``, after the same checks).
-
-    Pairs (shapes must match; tensors of one call on one device):
-
-    ============  ==========================================
-    target dtype  online dtype
-    ============  ==========================================
-    float32       float32, bfloat16 or float16 (widened)
-    bfloat16      bfloat16 (computed in float32, rounded once)
-    float16       float16 (computed in float32, rounded once)
-    float64       float64
-    ============  ==========================================
-
-    Every pair is checked before anything is written: bad input (mismatched counts, shapes,
-    dtypes, devices, a target that requires grad, ``momentum`` outside [0, 1], an unknown
-    ``buffers``) raises ``ValueError``/``TypeError`` naming the tensor (and, for modules, the
-    parameter) and leaves every tensor untouched.
-
-    Speed: one op call per update. The prepared call is cached per (target, online) pair of
-    modules or lists, so a training loop pays no per-tensor Python cost; modules flattened with
-    :func:`flatten_parameters_` are updated with one contiguous pass per flat buffer. The cached
-    update holds references to the tensors (modules themselves are held weakly); see
-    :func:`clear_cache`.
-    """
-    _update(target, online, momentum, buffers, backend, retry=True)
-
-
-def _update(target, online, momentum, buffers, backend, retry):
-    if isinstance(momentum, (str, bytes, bool)) or not isinstance(
-            momentum, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
-    weight = 1.0 - _validate.in_range("momentum", momentum, 0.0, 1.0)
-    if buffers not in BUFFER_MODES:
-        raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
-    t_mod, o_mod = isinstance(target, nn.Module), isinstance(online, nn.Module)
-    if t_mod and o_mod:
-        st, so = _snapshot(target), _snapshot(online)
-        entry = st.entry
-        if (entry is None or entry.online is not so or entry.mode != buffers
-                or entry.generation != _FLAT_GENERATION):
-            entry = st.entry = _build_module_entry(target, online, st, so, buffers)
-        # With swap-on-conversion, .to()/.half() keep the Parameter objects but swap the
-        # tensors inside them (no identity check sees it), and refuse to when another
-        # reference to a tensor exists: keep no plan at all then.
-        if torch.__future__.get_swap_module_params_on_conversion():
-            st.entry = None
-    elif t_mod or o_mod or isinstance(target, (torch.Tensor, str)) or isinstance(
-            online, (torch.Tensor, str)) or not _iterable(target) or not _iterable(online):
-        raise TypeError("ema_update_: target and online must both be nn.Modules or both be "
-                        "sequences of tensors, got "
-                        f"{type(target).__name__} and {type(online).__name__}")
-    else:
-        cache = isinstance(target, (list, tuple)) and isinstance(online, (list, tuple))
-        if not cache:  # an iterator: read it once, nothing to cache
-            target, online = list(target), list(online)
-        entry = _list_entry(target, online, cache)
-    with torch.no_grad():
-        try:
-            if backend == "reference":
-                ok = entry.plan.check(weight)
-                if ok:
-                    _reference_update(entry, weight)
-            else:
-                ok = entry.plan.update(
-                    weight, entry.direct and not torch._C._len_torch_dispatch_stack())
-        except (ValueError, TypeError) as exc:
-            raise _named_error(exc, entry) from None
-    if not ok:  # a flat view moved (module moved or cast): nothing was written; redo per tensor
-        if not retry:  # pragma: no cover - the rebuilt entry has no flat views
-            raise RuntimeError("ema_update_: internal error: flat layout check failed twice")
-        st.entry = None
-        _update(target, online, momentum, buffers, backend, retry=False)
-
-
-def _iterable(x: Any) -> bool:
-    try:
-        iter(x)
-    except TypeError:
-        return False
+def _one_storage_each(tensors) -> bool:
+    """True when the tensors of each (dtype, device) share one storage."""
+    storage: dict[tuple, int] = {}
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if storage.setdefault((t.dtype, t.device), ptr) != ptr:
+            return False
     return True
 
+
+# ---------------------------------------------------------------------------------------------
+# The momentum schedule.
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
     r"""BYOL's cosine momentum schedule,
@@ -647,4 +505,4 @@ def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0
     return _ref.cosine_momentum(int(step), int(total_steps), base, final)
 
 
-__all__ = ["ema_update_", "flatten_parameters_", "is_flat", "cosine_momentum", "clear_cache"]
+__all__ = ["EMA", "ema_update_", "flatten_parameters_", "is_flat", "cosine_momentum"]

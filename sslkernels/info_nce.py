@@ -1,30 +1,42 @@
 """Fused normalized-similarity InfoNCE (NT-Xent): public function, autograd and fake kernels.
 
-Two op sets implement the same four ops with the same semantics:
+One contract, two implementations. The ops and what they return, whatever the backend:
 
-* ``torch.ops.sslkernels.info_nce_*`` - C++ (CPU: tiled, symmetric, multi-threaded; CUDA:
-  row-block GEMMs with CUDA epilogues), registered in ``csrc/``;
-* ``torch.ops.sslkernels_triton.info_nce_*`` - Triton kernels (online log-sum-exp forward,
-  tile-recomputing backward), defined here as ``torch.library.custom_op``s. They run on CUDA, and
-  on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise them without a GPU).
+* ``info_nce_pair_fwd(z0, z1, inv_t, normalize) -> (loss, lse_neg)``: two views (N, D) each;
+  ``loss`` (2N,) per row, rows [view 0, view 1]; ``lse_neg`` (2N,) each row's log-sum-exp over
+  its negatives only (diagonal and positive excluded; -inf when there are none).
+* ``info_nce_pair_bwd(grad_loss, z0, z1, lse_neg, inv_t, normalize) -> (dz0, dz1)``.
+* ``info_nce_neg_fwd(q, k, negatives, inv_t, normalize, need_grad) -> (loss, lse_neg, wsum)``:
+  ``loss``, ``lse_neg`` (N,); ``wsum`` (N, D) = softmax-weighted sum of the normalized negatives
+  when ``need_grad``, else an empty (0,) tensor.
+* ``info_nce_neg_bwd(grad_loss, q, k, lse_neg, wsum, inv_t, normalize) -> (dq, dk)``.
 
-Both get the same autograd formula and fake kernels below, so each passes
-``torch.library.opcheck`` and traces under ``torch.compile(fullgraph=True)``. The second output
-of a forward is an auxiliary log-sum-exp consumed only by the same set's backward: the C++ ops
-return it over the negatives alone (``lse_neg``), the Triton ops over all logits.
+Outputs are float32 (float64 for float64 inputs); N = 0 gives empty outputs (the public function
+rejects it: validation happens there, once; the ops keep only the checks memory safety needs).
+
+* ``torch.ops.sslkernels.info_nce_*`` - the C++ CPU kernels (tiled, symmetric, multi-threaded),
+  registered in ``csrc/``. ``info_nce_neg_bwd`` is O(N*D) ATen code that runs on any device.
+* ``torch.ops.sslkernels_triton.info_nce_{pair_fwd,pair_bwd,neg_fwd}`` - the GPU
+  implementation: Triton kernels (``sslkernels/triton_kernels/``) defined here as
+  ``torch.library.custom_op``s. They run on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (how
+  the tests exercise them without a GPU). Their backward uses the same ``info_nce_neg_bwd``.
+
+Both sets get the same autograd formula and fake kernels below, so each passes
+``torch.library.opcheck`` and traces under ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
 from . import _ext, _validate, distributed  # noqa: F401  (_ext registers the ops)
 from .reference import info_nce as _ref
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "triton")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -56,12 +68,14 @@ def _neg_bwd_fake(grad_loss, q, k, lse_neg, wsum, inv_temperature, normalize):
 
 
 def _register(ns, pair_bwd, neg_fwd, neg_bwd):
-    """Fake kernels and autograd for the four ops of namespace ``ns``."""
+    """Fake kernels and autograd for the forward ops of namespace ``ns`` (and fakes for its
+    backward ops); ``pair_bwd``, ``neg_fwd``, ``neg_bwd`` are what the autograd formulas call."""
     lib = f"{ns}::"
     torch.library.register_fake(lib + "info_nce_pair_fwd")(_pair_fwd_fake)
     torch.library.register_fake(lib + "info_nce_pair_bwd")(_pair_bwd_fake)
     torch.library.register_fake(lib + "info_nce_neg_fwd")(_neg_fwd_fake)
-    torch.library.register_fake(lib + "info_nce_neg_bwd")(_neg_bwd_fake)
+    if ns == "sslkernels":
+        torch.library.register_fake(lib + "info_nce_neg_bwd")(_neg_bwd_fake)
 
     # Outputs: per-row losses, and lse_neg (each row's log-sum-exp over its negatives only; the
     # backward derives the loss and the full log-sum-exp from it), which is not differentiable.
@@ -135,8 +149,21 @@ torch.library.register_autograd("sslkernels::info_nce_slice_fwd", _slice_backwar
 # ---------------------------------------------------------------------------------------------
 # Triton op set (defined only where triton imports).
 
+# The oldest triton the kernels are written for (and compiled against by the offline gate).
+TRITON_MIN = (3, 6)
+
+
+@functools.cache
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether the GPU implementation can run here: triton >= 3.6 importable."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+    try:
+        version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:  # a local build with an unusual version string: trust it
+        return True
+    return version >= TRITON_MIN
 
 
 def _triton_interpreted() -> bool:
@@ -146,8 +173,9 @@ def _triton_interpreted() -> bool:
 @functools.cache
 def _triton_ops():
     if not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-    from .triton_kernels import info_nce as tk
+        raise RuntimeError("backend='triton' needs triton >= %d.%d (pip install 'triton>=3.6'); "
+                           "found %s" % (*TRITON_MIN, _triton_version()))
+    from .triton_kernels import info_nce_launch as tk
 
     devices = ("cuda", "cpu")  # cpu only runs under TRITON_INTERPRET=1
 
@@ -159,9 +187,10 @@ def _triton_ops():
 
     @torch.library.custom_op("sslkernels_triton::info_nce_pair_bwd", mutates_args=(),
                              device_types=devices)
-    def pair_bwd(grad_loss: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor, lse: torch.Tensor,
-                 inv_temperature: float, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return tk.pair_bwd(grad_loss, z0, z1, lse, inv_temperature, normalize)
+    def pair_bwd(grad_loss: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor,
+                 lse_neg: torch.Tensor, inv_temperature: float,
+                 normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return tk.pair_bwd(grad_loss, z0, z1, lse_neg, inv_temperature, normalize)
 
     @torch.library.custom_op("sslkernels_triton::info_nce_neg_fwd", mutates_args=(),
                              device_types=devices)
@@ -169,28 +198,45 @@ def _triton_ops():
                 normalize: bool, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tk.neg_fwd(q, k, negatives, inv_temperature, normalize, need_grad)
 
-    @torch.library.custom_op("sslkernels_triton::info_nce_neg_bwd", mutates_args=(),
-                             device_types=devices)
-    def neg_bwd(grad_loss: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
-                wsum: torch.Tensor, inv_temperature: float,
-                normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return tk.neg_bwd(grad_loss, q, k, lse, wsum, inv_temperature, normalize)
-
-    _register("sslkernels_triton", pair_bwd, neg_fwd, neg_bwd)
+    _register("sslkernels_triton", pair_bwd, neg_fwd, _ops.info_nce_neg_bwd)
     return torch.ops.sslkernels_triton
+
+
+def _triton_version() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "no triton"
+    import triton
+    return f"triton {triton.__version__}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API.
 
 def default_backend(device: torch.device) -> str:
-    """The backend :func:`fused_info_nce` uses for tensors on ``device`` when none is given."""
+    """The backend :func:`fused_info_nce` uses for tensors on ``device`` when none is given:
+    ``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors (``"reference"``, with a warning,
+    where triton >= 3.6 is missing)."""
     if device.type == "cuda":
-        return "triton" if triton_available() else "cuda"
-    return "cpu"
+        if triton_available():
+            return "triton"
+        _warn_no_triton()
+        return "reference"
+    if device.type == "cpu":
+        return "cpu"
+    return "reference"
+
+
+@functools.cache
+def _warn_no_triton() -> None:
+    warnings.warn(f"sslkernels: the fused InfoNCE GPU kernels need triton >= 3.6 ({_triton_version()}"
+                  "); CUDA tensors fall back to the plain-PyTorch reference (O(N^2) memory)",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _check_backend(backend: str, device: torch.device) -> None:
+    if backend == "cuda":
+        raise ValueError("backend='cuda': the GPU implementation of the fused InfoNCE losses "
+                         "is backend='triton' (the default for CUDA tensors)")
     _validate.backend(backend, BACKENDS, device)
     if backend == "triton":
         if device.type == "cpu" and not _triton_interpreted():
@@ -237,7 +283,7 @@ def fused_info_nce(z0: torch.Tensor, z1: torch.Tensor, negatives: torch.Tensor |
     ``W * d(global mean loss)/d(z0_r, z1_r)`` (the gradient of the sum of the ranks' means), so
     after DDP averages parameter gradients over the W ranks, training equals one process on the
     global batch; the global loss is the mean of the ranks' losses. All backends compute it
-    with the one slice op (ATen tiles, any device; ``"triton"`` and ``"cuda"`` run it too),
+    with the one slice op (ATen tiles, any device; ``"triton"`` runs it too),
     except ``"reference"``, which builds the (2N, 2WN) logits. The MoCo form does not gather:
     its negatives are shared through the queue (``NegativeQueue.enqueue(keys, gather=True)``)
     and each rank's loss is over its own queries; passing ``negatives`` with
@@ -250,8 +296,9 @@ def fused_info_nce(z0: torch.Tensor, z1: torch.Tensor, negatives: torch.Tensor |
         temperature: :math:`\tau > 0`. Stable down to 0.01 in fp16/bf16.
         normalize: L2-normalize rows first (``F.normalize``, eps 1e-12).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        backend: ``None`` (CPU tensors: ``"cpu"``; CUDA: ``"triton"``, else ``"cuda"``),
-            ``"reference"`` (plain PyTorch, O(N^2) memory), ``"cpu"``, ``"cuda"``, ``"triton"``.
+        backend: ``None`` (CPU tensors: ``"cpu"``; CUDA: ``"triton"``), ``"reference"``
+            (plain PyTorch, O(N^2) memory), ``"cpu"`` (C++), ``"triton"`` (the GPU kernels;
+            on CPU only under ``TRITON_INTERPRET=1``).
         gather_distributed: compute this rank's share of the loss over the batches of all
             ranks (two-view form; see above).
         group: the process group for ``gather_distributed`` (default: the world).
@@ -311,7 +358,7 @@ def fused_info_nce(z0: torch.Tensor, z1: torch.Tensor, negatives: torch.Tensor |
             rows = _ref.info_nce_negatives_rows(z0, z1, negatives, 1.0 / inv_t, normalize)
         rows = rows.to(_acc_dtype(z0))
     else:
-        ops = torch.ops.sslkernels if backend in ("cpu", "cuda") else _triton_ops()
+        ops = torch.ops.sslkernels if backend == "cpu" else _triton_ops()
         if negatives is None:
             rows, _ = ops.info_nce_pair_fwd(z0, z1, inv_t, normalize)
         else:

@@ -96,7 +96,9 @@ __global__ void resize_pre_kernel(const uint8_t* __restrict__ data,
       for (int c = 0; c < 3; ++c) acc[c] += wy * row[c];
     }
     float r = acc[0] * (1.f / 255.f), g = acc[1] * (1.f / 255.f), b = acc[2] * (1.f / 255.f);
-    for (int q = 0; q < plan.split; ++q) jitter_op(plan.ops[q], r, g, b, p, 0.f);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)  // constant trip count: plan.ops stays in registers
+      if (q < plan.split) jitter_op(plan.ops[q], r, g, b, p, 0.f);
     float* o = buf + img * 3 * plane + pix;
     o[0] = r;
     o[plane] = g;
@@ -121,7 +123,9 @@ __global__ void post_kernel(const float* __restrict__ params, CallArgs k, float*
   float* o = buf + img * 3 * plane + pix;
   float r = o[0], g = o[plane], b = o[2 * plane];
   const float mean = static_cast<float>(sums[img] / static_cast<double>(plane));
-  for (int q = plan.split; q < plan.n_ops; ++q) jitter_op(plan.ops[q], r, g, b, p, mean);
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    if (q >= plan.split && q < plan.n_ops) jitter_op(plan.ops[q], r, g, b, p, mean);
   if (p[kGray] != 0.f) to_gray3(r, g, b);
   if (blur_on(p, k.ksize)) {
     o[0] = r;

@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(kThreads)
 
 void lerp_cuda(at::TensorList target, at::TensorList online, double weight,
                const Checked& checked) {
-  if (target.empty()) return;
-  c10::cuda::CUDAGuard guard(target[0].device());
+  if (checked.pairs.empty() && checked.strided.empty()) return;
+  c10::cuda::CUDAGuard guard(checked.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const LerpWeight<float> wf = make_weight(static_cast<float>(weight));
   const LerpWeight<double> wd = make_weight(weight);

@@ -1,11 +1,12 @@
-// CUDA kernel of the ring-buffer queue enqueue: ONE launch reads the pointer on the device,
-// writes the surviving keys (normalized by the shared per-row math of queue_math.h, one warp per
-// row) and advances the pointer and fill count. The host never reads the pointer.
-//
-// The launch is a single block: every thread reads *ptr before the barrier, and thread 0 writes
-// the new pointer after it, so no thread can see a half-advanced queue. One block of 1024
-// threads moves a MoCo batch (B = 256 ... 4096 rows of D = 128) in microseconds; a multi-block
-// version would need a grid-wide ticket to know when every block has read the pointer.
+// CUDA kernels of the ring-buffer queue enqueue: the pointer is read on the device and the host
+// never reads it. Two launches on the current stream:
+//   1. enqueue_rows_kernel, a grid of blocks (one warp per row, grid-stride): every block reads
+//      *ptr, then writes its surviving keys (normalized by the shared per-row math of
+//      queue_math.h);
+//   2. advance_kernel, one thread: moves the pointer and the fill count.
+// Stream order puts the advance after every block of the first launch has read *ptr, so no block
+// can see a half-advanced queue, with no grid-wide synchronization; a MoCo batch (B = 256 ...
+// 4096 rows) spreads over B / 8 blocks instead of one SM.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -13,14 +14,18 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "queue.h"
 #include "queue_math.h"
 
 namespace sslk::queue {
 namespace {
 
-constexpr int kThreads = 1024;
+constexpr int kThreads = 256;
 constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+constexpr int64_t kMaxBlocks = 65535;
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
@@ -31,13 +36,13 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 
 template <typename acc_t, typename in_t, typename out_t>
 __global__ void __launch_bounds__(kThreads)
-    enqueue_kernel(out_t* __restrict__ buf, int64_t* __restrict__ ptr, int64_t* __restrict__ fill,
-                   const in_t* __restrict__ keys, int64_t B, int64_t K, int64_t D,
-                   bool normalize) {
+    enqueue_rows_kernel(out_t* __restrict__ buf, const int64_t* __restrict__ ptr,
+                        const in_t* __restrict__ keys, int64_t B, int64_t K, int64_t D,
+                        bool normalize) {
   const int64_t start = wrap_ptr(*ptr, K);
   const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  const int warps = blockDim.x / kWarp;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / kWarp;
   for (int64_t i = first_kept(B, K) + warp; i < B; i += warps) {
     const in_t* src = keys + i * D;
     out_t* dst = buf + slot_of(start, i, K) * D;
@@ -50,11 +55,13 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t j = lane; j < D; j += kWarp)
       dst[j] = stored_value<out_t, acc_t>(src[j], denom, normalize);
   }
-  __syncthreads();  // every thread has read *ptr
-  if (threadIdx.x == 0) {
-    *ptr = next_ptr(start, B, K);
-    *fill = next_fill(*fill, B, K);
-  }
+}
+
+__global__ void advance_kernel(int64_t* __restrict__ ptr, int64_t* __restrict__ fill, int64_t B,
+                               int64_t K) {
+  const int64_t start = wrap_ptr(*ptr, K);
+  *ptr = next_ptr(start, B, K);
+  *fill = next_fill(*fill, B, K);
 }
 
 void enqueue_cuda(at::Tensor& buffer, at::Tensor& ptr, at::Tensor& fill,
@@ -72,17 +79,21 @@ void enqueue_cuda(at::Tensor& buffer, at::Tensor& ptr, at::Tensor& fill,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(), "queue_enqueue_", [&] {
       using out_t = scalar_t;
       out_t* dst = buffer.mutable_data_ptr<out_t>();
-      int64_t* p = ptr.mutable_data_ptr<int64_t>();
-      int64_t* f = fill.mutable_data_ptr<int64_t>();
+      const int64_t* p = ptr.const_data_ptr<int64_t>();
+      const int blocks = static_cast<int>(std::min<int64_t>(
+          (std::min(B, K) + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxBlocks));
       if (wide)
-        enqueue_kernel<double, in_t, out_t><<<1, kThreads, 0, stream>>>(dst, p, f, src, B, K, D,
-                                                                        normalize);
+        enqueue_rows_kernel<double, in_t, out_t><<<blocks, kThreads, 0, stream>>>(
+            dst, p, src, B, K, D, normalize);
       else
-        enqueue_kernel<float, in_t, out_t><<<1, kThreads, 0, stream>>>(dst, p, f, src, B, K, D,
-                                                                       normalize);
+        enqueue_rows_kernel<float, in_t, out_t><<<blocks, kThreads, 0, stream>>>(
+            dst, p, src, B, K, D, normalize);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  advance_kernel<<<1, 1, 0, stream>>>(ptr.mutable_data_ptr<int64_t>(),
+                                      fill.mutable_data_ptr<int64_t>(), B, K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ema import cosine_momentum, ema_update_
+from ..ema import EMA, cosine_momentum
 from .heads import mlp
 
 
@@ -25,9 +25,13 @@ class BYOL(nn.Module):
         backbone, feature_dim: the encoder and its output width.
         proj_hidden, proj_dim: 4096 -> 256 (paper). pred_hidden: 4096.
         base_momentum: 0.996 (paper; 0.99 for small batches), final_momentum: 1.0.
-        ema_backend: ``"reference"`` for the per-parameter loop.
+        ema_backend: ``"reference"`` for ``torch._foreach_lerp_``.
         ema_buffers: ``"skip"`` (the target's BatchNorm statistics come from its own forward
             passes, as in the official code), ``"copy"`` or ``"ema"``.
+
+    ``self.ema`` is the :class:`sslkernels.EMA` of (target_backbone, target_projector) towards
+    (backbone, projector), built here; it is not a submodule, so ``state_dict`` holds the
+    networks and nothing of it.
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 4096,
@@ -45,9 +49,11 @@ class BYOL(nn.Module):
             p.requires_grad_(False)
         self.base_momentum = base_momentum
         self.final_momentum = final_momentum
-        self.ema_backend = ema_backend
-        self.ema_buffers = ema_buffers
         self.current_momentum = base_momentum
+        # built once: the EMA step of every after_optimizer_step is one prepared kernel call
+        self.ema = EMA(nn.ModuleList([self.target_backbone, self.target_projector]),
+                       nn.ModuleList([self.backbone, self.projector]), base_momentum,
+                       buffers=ema_buffers, backend=ema_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -66,6 +72,4 @@ class BYOL(nn.Module):
         """EMA of the target with the cosine momentum of step ``step`` (0-based) of ``total_steps``."""
         self.current_momentum = cosine_momentum(step, total_steps, self.base_momentum,
                                                 self.final_momentum)
-        ema_update_(nn.ModuleList([self.target_backbone, self.target_projector]),
-                    nn.ModuleList([self.backbone, self.projector]), self.current_momentum,
-                    buffers=self.ema_buffers, backend=self.ema_backend)
+        self.ema.update(self.current_momentum)

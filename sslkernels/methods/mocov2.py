@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..distributed import batch_shuffle, batch_unshuffle
-from ..ema import ema_update_
+from ..ema import EMA
 from ..info_nce import fused_info_nce
 from ..queue import NegativeQueue
 from .heads import mlp
@@ -43,6 +43,9 @@ class MoCoV2(nn.Module):
             which key pairs with which query. No effect on one process. For SyncBatchNorm
             instead, convert the encoders with ``nn.SyncBatchNorm.convert_sync_batchnorm``
             (CUDA only in torch) and pass ``shuffle_bn=False``.
+
+    ``self.ema`` is the :class:`sslkernels.EMA` of the key encoder towards the query encoder,
+    built here; it is not a submodule, so ``state_dict`` holds the encoders and nothing of it.
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, dim: int = 128,
@@ -66,25 +69,20 @@ class MoCoV2(nn.Module):
         self.temperature = temperature
         self.symmetric = symmetric
         self.loss_backend = loss_backend
-        self.ema_backend = ema_backend
-        self.ema_buffers = ema_buffers
+        # built once: every momentum_update is one prepared kernel call
+        self.ema = EMA(nn.ModuleList([self.key_backbone, self.key_projector]),
+                       nn.ModuleList([self.backbone, self.projector]), momentum,
+                       buffers=ema_buffers, backend=ema_backend)
         self.gather = bool(gather)
         self.shuffle_bn = bool(shuffle_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def _online(self):
-        return nn.ModuleList([self.backbone, self.projector])
-
-    def _target(self):
-        return nn.ModuleList([self.key_backbone, self.key_projector])
-
-    @torch.no_grad()
     def momentum_update(self) -> None:
-        """key <- m * key + (1 - m) * query for every parameter; buffers are copied."""
-        ema_update_(self._target(), self._online(), self.momentum, buffers=self.ema_buffers,
-                    backend=self.ema_backend)
+        """key <- m * key + (1 - m) * query for every parameter (buffers per ``ema_buffers``),
+        with ``m = self.momentum``."""
+        self.ema.update(self.momentum)
 
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

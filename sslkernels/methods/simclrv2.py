@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from ..ema import ema_update_
+from ..ema import EMA
 from ..info_nce import fused_info_nce
 from ..queue import NegativeQueue
 from .heads import mlp
@@ -68,7 +68,9 @@ class SimCLRv2(nn.Module):
         temperature: NT-Xent temperature.
         memory_size: K negatives kept (0: no memory network; the paper used 65536 with its
             large batches).
-        momentum: the memory network's EMA momentum (MoCo's 0.999).
+        momentum: the memory network's EMA momentum (MoCo's 0.999); ``self.ema`` is the
+            :class:`sslkernels.EMA` of (memory_backbone, memory_projector) towards (backbone,
+            projector).
         loss_backend, ema_backend: ``"reference"`` for plain PyTorch.
         gather_distributed: under ``torch.distributed``, every rank's batch gives in-batch
             negatives (with gradients) and the memory is fed every rank's keys.
@@ -107,6 +109,10 @@ class SimCLRv2(nn.Module):
                     list(self.memory_projector.parameters()):
                 p.requires_grad_(False)
             self.memory = NegativeQueue(memory_size, proj_dim)
+            # built once: every after_optimizer_step is one prepared kernel call
+            self.ema = EMA(nn.ModuleList([self.memory_backbone, self.memory_projector]),
+                           nn.ModuleList([self.backbone, self.projector]), momentum,
+                           buffers="skip", backend=ema_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -130,6 +136,4 @@ class SimCLRv2(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         if self.memory_size:
-            ema_update_(nn.ModuleList([self.memory_backbone, self.memory_projector]),
-                        nn.ModuleList([self.backbone, self.projector]), self.momentum,
-                        buffers="skip", backend=self.ema_backend)
+            self.ema.update(self.momentum)

@@ -1,656 +1,586 @@
-"""Fused InfoNCE / NT-Xent loss in Triton: forward and backward without the logits matrix.
+"""Triton kernels of the fused InfoNCE / NT-Xent ops: the O(N^2) parts, nothing else.
 
-Two variants, both written FlashAttention-style (tiles of logits are produced by ``tl.dot``,
-consumed by an online log-sum-exp and thrown away), so memory is O(N*D) instead of O(N^2):
+This module imports triton and nothing else (no torch, no sslkernels), so the offline compile
+gate (``tools/triton_gate.py``) can load it where only triton is installed, such as a side
+environment holding the oldest supported triton. The torch-side launchers that prepare inputs,
+pick a :class:`Plan` and finish the loss are in :mod:`sslkernels.triton_kernels.info_nce_launch`.
 
-* ``pair``: two-view NT-Xent (SimCLR). ``Z = cat(zn0, zn1)``, ``S = Z Z^T / T``, row ``i``'s
-  positive is ``(i + N) mod 2N``, the diagonal is excluded.
-* ``neg``: MoCo InfoNCE against a queue of negatives. The forward also accumulates
-  ``wsum_i = sum_j softmax_ij * Qn_j`` (FlashAttention with ``V = Qn``), which makes the backward
-  a row-local O(N*D) pass: the queue is never read again.
+Kernels (FlashAttention-style: logits tiles are made by ``tl.dot``, consumed by an online
+log-sum-exp and dropped, so memory is O(N*D)):
 
-The plain-PyTorch oracle is :mod:`sslkernels.reference.info_nce`. Accumulation is fp32, or fp64
-when the inputs are fp64; fp16/bf16 tiles are upcast before every ``tl.dot``.
+* ``_pair_lse_kernel``: two views, ``Z = [zn0; zn1]`` (2N, D): each row's log-sum-exp over its
+  negatives (``S = Z Z^T / T`` without the diagonal and the positive ``(i + N) mod 2N``), as
+  partial (max, sum) over column splits.
+* ``_pair_grad_kernel``: ``dZn_i = sum_{j neg} (g_i P_ij + g_j P_ji) Z_j`` where
+  ``P = exp(S - lse)`` is the softmax of each row; S is symmetric, so both terms come from one
+  recomputed tile. The positive pair, the 1/T factor and the normalization backward are O(N*D)
+  and done by the launcher. Column splits leave partial sums that the launcher adds.
+* ``_neg_partial_kernel``: MoCo queries ``Qn`` (N, D) against a queue (K, D) read in place in its
+  own dtype; the queue is cut into splits (a second grid axis) so that N ~ 256 queries still fill
+  the GPU; each split leaves its (max, sum) and, for the backward, the rescaled
+  ``sum_j exp(S_ij - m) Qn_j``.
+* ``_combine_kernel``: merges the splits of either into ``lse_neg``, the loss and ``wsum``.
+* ``_row_rnorm_kernel``: the queue rows' inverse norms, read in place.
+
+Precision: fp32 inputs multiply in IEEE fp32 on FMA units (TF32 would put errors of ~1e-3/T on
+the logits); bf16/fp16 inputs reach ``tl.dot`` as bf16/fp16 tiles with fp32 accumulation
+(tensor cores); fp64 accumulates in fp64.
+
+Specialization: every value the JIT would specialize on is fixed by the launchers (pointers and
+row strides aligned to 16 elements, sizes passed unspecialized), so the constexprs of a
+:class:`Plan` determine the compiled kernel and the gate can compile each one ahead of time.
 """
-from __future__ import annotations
-
-import functools
+# No ``from __future__ import annotations``: triton reads kernel annotations such as
+# ``inv_t: "fp64"`` as written, and postponed evaluation would turn them into other strings.
 import os
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
-import torch
 import triton
 import triton.language as tl
 
-# F.normalize's default eps: ``x / max(||x||, eps)``.
-_EPS = 1e-12
-EPS = tl.constexpr(_EPS)
+# F.normalize's eps: x / max(||x||, eps).
+EPS = 1e-12
+_EPS = tl.constexpr(EPS)
 
-# fp32 tiles use IEEE products: logits are scaled by up to 1/T = 100, and TF32's 10-bit mantissa
-# would put errors of ~0.05 on them, far more than the fp32 reference shows. The interpreter
-# always multiplies exactly, so "ieee" also keeps CPU tests and GPU runs in agreement.
-# ("tf32x3" is the obvious thing to try if the FMA path is too slow on a given GPU; the tile
-# table below was chosen for "ieee" and would need a second look.)
-DOT_PRECISION = "ieee"
+# The interpreter computes tl.dot with numpy, which has no bfloat16 (it multiplies the raw bits):
+# there, half tiles are upcast exactly before the dot, which is what the tensor cores compute up
+# to the order of the fp32 accumulation.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
-# Widest feature dimension: (BLOCK_M, BLOCK_D) accumulators and (BLOCK_N, BLOCK_D) tiles must
-# fit in registers and shared memory (an fp64 D = 2048 tile alone would exceed an H100's).
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+HALF = ("float16", "bfloat16")
+
+# Widest feature dimension: (BLOCK_M, BLOCK_D) accumulators must fit in registers.
 MAX_D = 1024
+# Row strides and pointers of every tensor a kernel reads are multiples of this many elements:
+# the launchers pad their own copies, and copy a queue that is not aligned.
+ALIGN = 16
+# Up to this many features one chunk of the row block stays in registers for a whole sweep;
+# beyond it the kernels walk D in chunks.
+ONE_CHUNK_MAX = 128
 
 
-# --------------------------------------------------------------------------------------------
-# Launch configuration
-# --------------------------------------------------------------------------------------------
-
-class _Cfg(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int  # chunk of D per tl.dot when building a logits tile
-    block_d: int  # D padded to a power of two, for (rows, D) accumulators
-    num_warps: int
-    num_stages: int
+def acc_name(dtype: str) -> str:
+    return "float64" if dtype == "float64" else "float32"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _block_d(d: int) -> int:
-    # A power of two for tl.arange, and >= 16 so a (BLOCK_N, BLOCK_D) tile is a tl.dot operand
-    # on every backend.
-    return max(16, triton.next_power_of_2(d))
-
-
-# GPU tiles as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen offline for sm_90 by
-# compiling every candidate with Triton's own ptxas and keeping large tiles that do not spill
-# registers; not benchmarked (no GPU was available when they were picked). IEEE fp32 tl.dot is
-# lowered to FMAs that keep whole (rows, K) operand slices in registers, hence BLOCK_K = 8.
-# Logits-only kernels (pair forward, negatives forward without wsum) hold a (BLOCK_M, BLOCK_N)
-# tile; "wide" ones (pair backward, negatives forward with wsum) also a (BLOCK_M, BLOCK_D)
-# accumulator, so their tiles shrink as D grows. Keys: the largest BLOCK_D a row applies to.
-_GPU_LOGITS_ONLY = {torch.float32: (64, 64, 8, 4, 3), torch.float64: (64, 32, 8, 4, 3)}
-_GPU_WIDE = {
-    torch.float32: ((64, (64, 32, 8, 8, 3)), (128, (32, 32, 8, 8, 3)), (256, (32, 32, 8, 8, 2)),
-                    (512, (16, 32, 8, 8, 2)), (MAX_D, (16, 16, 8, 8, 2))),
-    torch.float64: ((64, (32, 32, 8, 8, 3)), (MAX_D, (16, 16, 8, 8, 2))),
-}
-
-
-def _cfg(d: int, wide: bool, acc: torch.dtype) -> _Cfg:
-    """Block sizes for feature dimension ``d`` and accumulation dtype ``acc``."""
-    block_d = _block_d(d)
-    if _interpreting():
-        # Small tiles keep the CPU interpreter fast; BLOCK_K < BLOCK_D still exercises the
-        # chunked-D loop and BLOCK_M/N = 32 the multi-block paths at test sizes.
-        return _Cfg(32, 32, 16, block_d, 4, 1)
-    if wide:
-        tiles = next(t for limit, t in _GPU_WIDE[acc] if block_d <= limit)
-    else:
-        tiles = _GPU_LOGITS_ONLY[acc]
-    block_m, block_n, block_k, num_warps, num_stages = tiles
-    return _Cfg(block_m, block_n, block_k, block_d, num_warps, num_stages)
-
-
-def _check_d(d: int) -> None:
-    if d > MAX_D:
-        raise ValueError(f"the Triton InfoNCE kernels support up to {MAX_D} features, got {d}")
-
-
-def _rowwise_block_m(block_d: int, acc: torch.dtype) -> int:
-    """Rows per program for the row-local kernels (negatives backward and split combine)."""
-    # ~2K fp32 (1K fp64) elements per (rows, D) tile keeps neg_bwd's five live tiles in
-    # registers on sm_90 without spilling.
-    if _interpreting():
-        return 16
-    budget = 1024 if acc == torch.float64 else 2048
-    return max(1, min(64, budget // block_d))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    """About two waves of programs: enough to fill the GPU when splitting the queue."""
-    if device.type != "cuda":
-        return 4  # interpreter: small, but enough to exercise the split path in tests
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return 2 * _sm_count(index)
-
-
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _check_float_2d(name: str, x: torch.Tensor) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
-# --------------------------------------------------------------------------------------------
-# Two-view (pair) kernels
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Shared device helpers
 
 @triton.jit
-def _logits_tile(A, B, a_rows, b_rows, a_ok, b_ok, D, stride_a, stride_b,
-                 ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Raw dot products A[a_rows] . B[b_rows]^T (unit column stride), D walked in chunks.
+def _dot(a, b, acc):
+    """acc + a @ b for operands of one dtype, at the precision the module docstring states."""
+    if a.dtype == tl.float64:
+        # triton 3.6 defaults out_dtype to fp32 and rejects an fp64 accumulator without it.
+        return tl.dot(a, b, acc, out_dtype=tl.float64)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        if _INTERPRET:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, out_dtype=tl.float32)
 
-    Chunking keeps only (rows, BLOCK_K) operand slices live, whatever D is; rows outside the
-    problem load as zeros, so their products are 0 and get masked by the caller.
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) to full relative precision for small x (Goldberg's form; tl has no log1p):
+    log(u) * x / (u - 1) with u = 1 + x, which corrects the rounding of u."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _online_lse(m, l, s):
+    """Fold a tile of logits ``s`` (rows, cols; -inf where masked) into running (max, sum).
+
+    Returns (m_new, l_new, p, alpha) with ``p = exp(s - m_new)`` and ``alpha`` the factor that
+    rescales what was accumulated against the old max. A row that has seen only masked entries
+    keeps m = -inf and l = 0: the max used for the exponentials is then 0, never -inf - -inf.
     """
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_use)
+    p = tl.exp(s - m_use[:, None])
+    return m_new, l * alpha + tl.sum(p, axis=1), p, alpha
+
+
+@triton.jit
+def _logits_chunked(A, a_rows, a_ok, B, b_rows, b_ok, D, stride_a, stride_b,
+                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """Raw dot products A[a_rows] . B[b_rows]^T (unit column stride), D walked in BLOCK_K chunks
+    so only (rows, BLOCK_K) operand slices are live whatever D is. Rows and features outside the
+    problem load as zeros and contribute nothing. B is converted to A's dtype."""
     offs_k = tl.arange(0, BLOCK_K)
     s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < D
         a = tl.load(A + a_rows[:, None] * stride_a + kk[None, :],
-                    mask=a_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+                    mask=a_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(B + b_rows[:, None] * stride_b + kk[None, :],
-                    mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
-        s = tl.dot(a, tl.trans(b), s, input_precision=DOT_PREC)
+                    mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+        s = _dot(a, tl.trans(b.to(a.dtype)), s)
     return s
 
 
 @triton.jit
-def _pair_fwd_kernel(Z, LOSS, LSE, N, D, stride_z, inv_t: "fp64",
+def _load_rows(X, rows64, row_ok, offs, D, stride, DTYPE: tl.constexpr):
+    """X[rows, offs] as a (rows, len(offs)) tile of DTYPE, zeros outside the problem."""
+    return tl.load(X + rows64[:, None] * stride + offs[None, :],
+                   mask=row_ok[:, None] & (offs < D)[None, :], other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _column_tile(A, a_tile, rows64, row_ok, B, cols64, col_ok, offs_v, D, stride_a, stride_b,
+                 ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr, WANT_V: tl.constexpr):
+    """Raw dots of the row block with columns ``cols`` of B, and (WANT_V) B[cols, offs_v], the
+    operand of a second dot, in A's dtype. With ONE_CHUNK, ``a_tile`` holds A[rows, :BLOCK_K]
+    and the one B tile loaded serves both (offs_v must then be the first BLOCK_K features)."""
+    dt = a_tile.dtype
+    if ONE_CHUNK:
+        v = _load_rows(B, cols64, col_ok, offs_v, D, stride_b, dt)
+        s = _dot(a_tile, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC))
+    else:
+        s = _logits_chunked(A, rows64, row_ok, B, cols64, col_ok, D, stride_a, stride_b,
+                            ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+        if WANT_V:
+            v = _load_rows(B, cols64, col_ok, offs_v, D, stride_b, dt)
+        else:
+            v = tl.zeros([BLOCK_N, BLOCK_K], dtype=dt)
+    return s, v
+
+
+@triton.jit
+def _split_range(split, tiles_per_split, total, BLOCK_N: tl.constexpr):
+    """Columns [lo, hi) of split ``split`` of ``total`` columns in splits of whole tiles."""
+    lo = split * tiles_per_split * BLOCK_N
+    return lo, tl.minimum(total, lo + tiles_per_split * BLOCK_N)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two views
+
+@triton.jit
+def _pair_negative(rows, cols, col_ok, N):
+    """Mask of the (rows, cols) entries that are negatives: not the diagonal, not the other view."""
+    pos = tl.where(rows < N, rows + N, rows - N)
+    return col_ok[None, :] & (cols[None, :] != rows[:, None]) & (cols[None, :] != pos[:, None])
+
+
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
+def _pair_lse_kernel(Z, M_PART, L_PART, N, D, tiles_per_split, stride_z, inv_t: "fp64",
                      ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+                     BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    # Grid: (row blocks, column splits). Each program folds its rows' logits over one range of
+    # columns into a partial (max, sum); _combine_kernel merges the splits. Splitting the
+    # columns is what keeps the GPU busy when 2N / BLOCK_M is smaller than the SM count.
     # inv_t arrives as fp64 so the fp64 path is not limited by an fp32-rounded temperature.
     inv_t = tl.full([], inv_t, ACC)
     two_n = 2 * N
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < two_n
-    pos = tl.where(rows < N, rows + N, rows - N)
     rows64 = rows.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    dt = Z.dtype.element_ty
+    a_tile = tl.zeros([BLOCK_M, BLOCK_K], dtype=dt)
+    if ONE_CHUNK:  # D <= BLOCK_K: the row block stays in registers for the whole sweep
+        a_tile = _load_rows(Z, rows64, row_ok, offs_k, D, stride_z, dt)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    s_pos = tl.zeros([BLOCK_M], dtype=ACC)
-    for n0 in range(0, two_n, BLOCK_N):
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    l = tl.zeros([BLOCK_M], dtype=ACC)
+    n_lo, n_hi = _split_range(tl.program_id(1), tiles_per_split, two_n, BLOCK_N)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < two_n
-        s = _logits_tile(Z, Z, rows64, cols.to(tl.int64), row_ok, col_ok, D, stride_z, stride_z,
-                         ACC, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC) * inv_t
-        # The positive logit is taken from the same tile the lse sees, so loss >= 0 exactly
-        # whenever the positive dominates, with no second dot product.
-        s_pos += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
-        s = tl.where(col_ok[None, :] & (cols[None, :] != rows[:, None]), s, float("-inf"))
-        # No NaN from exp(-inf - -inf): the first column tile holds a valid logit for every row
-        # (2N >= 2, BLOCK_N >= 2), so m_new is finite from then on; a later tile that is all
-        # masked (say, only the diagonal) just leaves the running max unchanged.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-
-    log_l = tl.log(l_i)
-    tl.store(LSE + rows, m_i + log_l, mask=row_ok)
-    # (m - s_pos) is exactly 0 when the positive is the row max: no cancellation in the loss.
-    tl.store(LOSS + rows, (m_i - s_pos) + log_l, mask=row_ok)
+        col_ok = cols < n_hi
+        s, _v = _column_tile(Z, a_tile, rows64, row_ok, Z, cols.to(tl.int64), col_ok, offs_k,
+                             D, stride_z, stride_z, ACC, BLOCK_M, BLOCK_N, BLOCK_K, ONE_CHUNK,
+                             False)
+        s = tl.where(_pair_negative(rows, cols, col_ok, N), s * inv_t, float("-inf"))
+        m, l, _p, _alpha = _online_lse(m, l, s)
+    # A row without negatives in this range leaves m = -inf, l = 0 (N = 1: in every range).
+    part = tl.program_id(1) * two_n + rows
+    tl.store(M_PART + part, m, mask=row_ok)
+    tl.store(L_PART + part, l, mask=row_ok)
 
 
-@triton.jit
-def _pair_bwd_kernel(Z, NRM, G, LSE, DZ0, DZ1, N, D, stride_z, stride_dz0, stride_dz1,
-                     inv_t: "fp64", NORMALIZE: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    # Each program owns BLOCK_M rows of dZ and sweeps all columns, so every output row is
-    # written by exactly one program: no atomics, deterministic. S is symmetric, so the column
-    # side of dS (row j's softmax weight on a) is formed from the same recomputed tile.
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
+def _pair_grad_kernel(Z, G, LSE, G_SCALE, DZN_PART, N, D, tiles_per_split, stride_z,
+                      stride_part, inv_t: "fp64",
+                      ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    # Grid: (row blocks, feature chunks of BLOCK_DV, column splits). Each program owns a
+    # (BLOCK_M, BLOCK_DV) block of one split's partial dZn and sweeps that split's columns:
+    # every output is written by one program, no atomics, deterministic (the launcher sums the
+    # splits). With ONE_CHUNK (D <= BLOCK_K = BLOCK_DV) one tile of Z_j serves both dots;
+    # otherwise each feature chunk recomputes the logits (a D-independent register footprint,
+    # paid for only when D > BLOCK_K).
     inv_t = tl.full([], inv_t, ACC)
     two_n = 2 * N
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < two_n
-    pos = tl.where(rows < N, rows + N, rows - N)
-    rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-
-    g_i = tl.load(G + rows, mask=row_ok, other=0.0)
-    lse_i = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    for n0 in range(0, two_n, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < two_n
-        cols64 = cols.to(tl.int64)
-        s = _logits_tile(Z, Z, rows64, cols64, row_ok, col_ok, D, stride_z, stride_z,
-                         ACC, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC) * inv_t
-        # Mask before exp: masked entries become exactly 0 and never produce inf * 0.
-        s = tl.where(col_ok[None, :] & (cols[None, :] != rows[:, None]), s, float("-inf"))
-        g_j = tl.load(G + cols, mask=col_ok, other=0.0)
-        lse_j = tl.load(LSE + cols, mask=col_ok, other=0.0)
-        # M_aj = g_a P_aj + g_j P_ja; both softmax weights are <= 1 so nothing overflows.
-        w = g_i[:, None] * tl.exp(s - lse_i[:, None]) + g_j[None, :] * tl.exp(s - lse_j[None, :])
-        z_j = tl.load(Z + cols64[:, None] * stride_z + offs_d[None, :],
-                      mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(w, z_j, acc, input_precision=DOT_PREC)
-
-    # The positive's logit appears in both its row's and its partner's loss with weight -1.
-    g_pos = tl.load(G + pos, mask=row_ok, other=0.0)
-    tile_ok = row_ok[:, None] & d_ok[None, :]
-    z_pos = tl.load(Z + pos.to(tl.int64)[:, None] * stride_z + offs_d[None, :],
-                    mask=tile_ok, other=0.0)
-    dzn = (acc - (g_i + g_pos)[:, None] * z_pos) * inv_t
-
-    if NORMALIZE:
-        # Backward of zn = z / max(||z||, eps); Z holds zn. Below eps the clamp is constant,
-        # so only the 1/eps scaling remains (torch's clamp_min passes the gradient at ==).
-        eps = tl.full([], EPS, ACC)
-        z_i = tl.load(Z + rows64[:, None] * stride_z + offs_d[None, :], mask=tile_ok, other=0.0)
-        nrm = tl.load(NRM + rows, mask=row_ok, other=1.0)
-        r = 1.0 / tl.maximum(nrm, eps)
-        radial = tl.where(nrm >= eps, tl.sum(z_i * dzn, axis=1), 0.0)
-        dz = r[:, None] * (dzn - z_i * radial[:, None])
-    else:
-        dz = dzn
-
-    # View 0 rows go to dz0 and view 1 rows to dz1, cast straight to each input's dtype.
-    offs_d64 = offs_d.to(tl.int64)
-    in0 = rows < N
-    tl.store(DZ0 + rows64[:, None] * stride_dz0 + offs_d64[None, :],
-             dz.to(DZ0.dtype.element_ty), mask=tile_ok & in0[:, None])
-    tl.store(DZ1 + (rows64 - N)[:, None] * stride_dz1 + offs_d64[None, :],
-             dz.to(DZ1.dtype.element_ty), mask=tile_ok & (rows >= N)[:, None])
-
-
-def _pair_prepare(z0: torch.Tensor, z1: torch.Tensor, normalize: bool):
-    """(2N, D) contiguous accumulation-dtype Z (normalized if asked) and the row norms.
-
-    O(N*D) torch ops; done exactly like F.normalize so the kernels see the reference's zn.
-    """
-    _check_float_2d("z0", z0)
-    _check_float_2d("z1", z1)
-    if z0.shape != z1.shape:
-        raise ValueError(f"z0 and z1 must have the same shape, got {tuple(z0.shape)} "
-                         f"and {tuple(z1.shape)}")
-    _check_d(z0.shape[1])
-    acc = _acc_dtype(z0, z1)
-    z = torch.cat([z0.to(acc), z1.to(acc)], dim=0)
-    nrm = None
-    if normalize:
-        nrm = torch.linalg.vector_norm(z, dim=1)
-        z = z / nrm.clamp_min(_EPS).unsqueeze(1)
-    return z.contiguous(), nrm, acc
-
-
-def pair_fwd(z0: torch.Tensor, z1: torch.Tensor, inv_t: float, normalize: bool):
-    """Per-row two-view NT-Xent loss and log-sum-exp, each of shape (2N,).
-
-    Rows are ordered [view 0, view 1]. Both outputs are fp32 (fp64 for fp64 inputs); ``lse`` is
-    what :func:`pair_bwd` needs besides the inputs.
-    """
-    z, _, acc = _pair_prepare(z0, z1, normalize)
-    n, d = z0.shape
-    loss = torch.empty(2 * n, dtype=acc, device=z.device)
-    lse = torch.empty(2 * n, dtype=acc, device=z.device)
-    if n == 0:
-        return loss, lse
-    cfg = _cfg(d, wide=False, acc=acc)
-    grid = (triton.cdiv(2 * n, cfg.block_m),)
-    _pair_fwd_kernel[grid](
-        z, loss, lse, n, d, z.stride(0), float(inv_t),
-        ACC=_tl_dtype(acc), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_PREC=DOT_PRECISION, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return loss, lse
-
-
-def pair_bwd(grad_loss: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor, lse: torch.Tensor,
-             inv_t: float, normalize: bool):
-    """Gradients of ``sum_i grad_loss[i] * loss[i]`` w.r.t. z0 and z1, in their dtypes."""
-    z, nrm, acc = _pair_prepare(z0, z1, normalize)
-    n, d = z0.shape
-    dz0 = torch.empty((n, d), dtype=z0.dtype, device=z.device)
-    dz1 = torch.empty((n, d), dtype=z1.dtype, device=z.device)
-    if n == 0:
-        return dz0, dz1
-    # grad_loss is often an expanded (stride-0) view from a sum/mean; O(N) to materialize.
-    g = grad_loss.to(acc).contiguous()
-    lse = lse.to(acc).contiguous()
-    cfg = _cfg(d, wide=True, acc=acc)
-    grid = (triton.cdiv(2 * n, cfg.block_m),)
-    _pair_bwd_kernel[grid](
-        z, nrm if nrm is not None else z, g, lse, dz0, dz1, n, d,
-        z.stride(0), dz0.stride(0), dz1.stride(0), float(inv_t),
-        NORMALIZE=bool(normalize), ACC=_tl_dtype(acc), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, DOT_PREC=DOT_PRECISION,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return dz0, dz1
-
-
-# --------------------------------------------------------------------------------------------
-# Negatives (MoCo) kernels
-# --------------------------------------------------------------------------------------------
-
-@triton.jit
-def _load_dot_operand(ptrs, mask, ACC: tl.constexpr, LAYOUT_BARRIER: tl.constexpr):
-    """Load a tile in its storage dtype and upcast it to ACC for tl.dot."""
-    x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-    if LAYOUT_BARRIER:
-        # Triton cannot lower an fp64 tl.dot whose operand is a 16-bit load upcast in-register
-        # (the upcast is folded into the MMA operand layout and hits "fp64 don't support
-        # largeK MMA"). A reduction over a size-1 axis is an identity that stops the folding.
-        x = tl.sum(x[:, :, None], axis=2)
-    return x
-
-
-@triton.jit
-def _neg_fwd_kernel(Q, K, NEG, LOSS, LSE, WSUM, LPOS, M_PART, L_PART, ACC_PART,
-                    N, D, KNEG, tiles_per_split,
-                    stride_qn, stride_qd, stride_kn, stride_kd, stride_negk, stride_negd,
-                    stride_w, inv_t: "fp64",
-                    NORMALIZE: tl.constexpr, NEED_WSUM: tl.constexpr, SPLIT: tl.constexpr,
-                    Q_BARRIER: tl.constexpr, NEG_BARRIER: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    # Grid: (row blocks, queue splits). MoCo has few queries (N ~ 256) and a long queue
-    # (K ~ 65536), so splitting the queue is what fills the GPU; partial (max, sum, wsum) of
-    # each split are merged by _neg_combine_kernel. With one split the epilogue is fused here.
-    inv_t = tl.full([], inv_t, ACC)
-    eps = tl.full([], EPS, ACC)
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
     rows64 = rows.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-
-    # q and k are normalized on the fly (row-local), so the wrapper never copies them.
-    qq = tl.zeros([BLOCK_M], dtype=ACC)
-    kk = tl.zeros([BLOCK_M], dtype=ACC)
-    qk = tl.zeros([BLOCK_M], dtype=ACC)
-    for k0 in range(0, D, BLOCK_K):
-        dk = k0 + offs_k
-        msk = row_ok[:, None] & (dk < D)[None, :]
-        q_c = tl.load(Q + rows64[:, None] * stride_qn + dk[None, :] * stride_qd,
-                      mask=msk, other=0.0).to(ACC)
-        k_c = tl.load(K + rows64[:, None] * stride_kn + dk[None, :] * stride_kd,
-                      mask=msk, other=0.0).to(ACC)
-        qq += tl.sum(q_c * q_c, axis=1)
-        kk += tl.sum(k_c * k_c, axis=1)
-        qk += tl.sum(q_c * k_c, axis=1)
-    if NORMALIZE:
-        r_q = 1.0 / tl.maximum(tl.sqrt(qq), eps)
-        r_k = 1.0 / tl.maximum(tl.sqrt(kk), eps)
+    offs_v = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dt = Z.dtype.element_ty
+    a_tile = tl.zeros([BLOCK_M, BLOCK_K], dtype=dt)
+    offs_b = offs_v  # the features of the column tile that the second dot reads
+    if ONE_CHUNK:
+        a_tile = _load_rows(Z, rows64, row_ok, offs_k, D, stride_z, dt)
+        offs_b = offs_k
+    # G holds g / max|g| (G_SCALE = max|g|): the weights below are at most 2, and fp16 gets a
+    # further 2^8 so that weights of ~1/(2N) * 1/(2N) stay out of its subnormals.
+    if dt == tl.float16:
+        w_scale = 256.0
     else:
-        r_q = tl.full([BLOCK_M], 1.0, ACC)
-        r_k = tl.full([BLOCK_M], 1.0, ACC)
-    l_pos = qk * r_q * r_k * inv_t
-    row_scale = r_q * inv_t
+        w_scale = 1.0
+    g_i = tl.load(G + rows, mask=row_ok, other=0.0) * w_scale
+    lse_i = tl.load(LSE + rows, mask=row_ok, other=0.0)
 
-    # The running max starts at l_pos (finite, and part of every row's lse), so no tile can
-    # leave it at -inf; the positive's own exp term is added once, at the end.
-    m_i = l_pos
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    n_lo = pid_s * tiles_per_split * BLOCK_N
-    n_hi = tl.minimum(KNEG, n_lo + tiles_per_split * BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    n_lo, n_hi = _split_range(tl.program_id(2), tiles_per_split, two_n, BLOCK_N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_hi
-        cols64 = cols.to(tl.int64)
-        # Queue tiles are read in their storage dtype (e.g. bf16) and upcast here: the queue
-        # itself is never copied or converted.
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        ss = tl.zeros([BLOCK_N], dtype=ACC)
-        for k0 in range(0, D, BLOCK_K):
-            dk = k0 + offs_k
-            k_ok = dk < D
-            q_c = _load_dot_operand(Q + rows64[:, None] * stride_qn + dk[None, :] * stride_qd,
-                                    row_ok[:, None] & k_ok[None, :], ACC, Q_BARRIER)
-            n_c = _load_dot_operand(
-                NEG + cols64[:, None] * stride_negk + dk[None, :] * stride_negd,
-                col_ok[:, None] & k_ok[None, :], ACC, NEG_BARRIER)
-            s = tl.dot(q_c, tl.trans(n_c), s, input_precision=DOT_PREC)
-            if NORMALIZE:
-                # Negative norms ride along on tiles already in registers: ~1/BLOCK_M of the
-                # dot's work, and no separate pass over the queue.
-                ss += tl.sum(n_c * n_c, axis=1)
-        if NORMALIZE:
-            r_neg = 1.0 / tl.maximum(tl.sqrt(ss), eps)
-        else:
-            r_neg = tl.full([BLOCK_N], 1.0, ACC)
-        s = s * row_scale[:, None] * r_neg[None, :]
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if NEED_WSUM:
-            v = _load_dot_operand(
-                NEG + cols64[:, None] * stride_negk + offs_d[None, :] * stride_negd,
-                col_ok[:, None] & d_ok[None, :], ACC, NEG_BARRIER)
-            # V = Qn: the normalization folds into the weights instead of the (BN, D) tile.
-            acc = tl.dot(p * r_neg[None, :], v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+        s, z_j = _column_tile(Z, a_tile, rows64, row_ok, Z, cols.to(tl.int64), col_ok, offs_b,
+                              D, stride_z, stride_z, ACC, BLOCK_M, BLOCK_N, BLOCK_K, ONE_CHUNK,
+                              True)
+        # Masked before exp: those entries are exactly 0 and never inf * 0. Both softmax
+        # weights are <= 1, so nothing overflows.
+        s = tl.where(_pair_negative(rows, cols, col_ok, N), s * inv_t, float("-inf"))
+        g_j = tl.load(G + cols, mask=col_ok, other=0.0) * w_scale
+        lse_j = tl.load(LSE + cols, mask=col_ok, other=0.0)
+        w = g_i[:, None] * tl.exp(s - lse_i[:, None]) + g_j[None, :] * tl.exp(s - lse_j[None, :])
+        acc = _dot(w.to(dt), z_j, acc)
 
-    tile_ok = row_ok[:, None] & d_ok[None, :]
-    if SPLIT:
-        part = pid_s * N + rows
-        tl.store(M_PART + part, m_i, mask=row_ok)
-        tl.store(L_PART + part, l_i, mask=row_ok)
-        tl.store(LPOS + rows, l_pos, mask=row_ok & (pid_s == 0))
-        if NEED_WSUM:
-            tl.store(ACC_PART + part.to(tl.int64)[:, None] * D + offs_d[None, :], acc,
-                     mask=tile_ok)
-    else:
-        total = l_i + tl.exp(l_pos - m_i)  # = exp(lse - m)
-        log_total = tl.log(total)
-        tl.store(LSE + rows, m_i + log_total, mask=row_ok)
-        tl.store(LOSS + rows, (m_i - l_pos) + log_total, mask=row_ok)
-        if NEED_WSUM:
-            tl.store(WSUM + rows64[:, None] * stride_w + offs_d[None, :],
-                     acc / total[:, None], mask=tile_ok)
+    unscale = tl.load(G_SCALE).to(ACC) / w_scale
+    part = (tl.program_id(2) * two_n + rows).to(tl.int64)
+    tl.store(DZN_PART + part[:, None] * stride_part + offs_v[None, :], acc * unscale,
+             mask=row_ok[:, None] & (offs_v < D)[None, :])
 
 
-@triton.jit
-def _neg_combine_kernel(LPOS, M_PART, L_PART, ACC_PART, LOSS, LSE, WSUM, N, D, n_splits,
-                        stride_w, NEED_WSUM: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Merge per-split online-softmax states: rescale each to the global max and add.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    offs_d = tl.arange(0, BLOCK_D)
-    tile_ok = row_ok[:, None] & (offs_d < D)[None, :]
-    l_pos = tl.load(LPOS + rows, mask=row_ok, other=0.0)
-    m = l_pos
-    for sp in range(0, n_splits):
-        m = tl.maximum(m, tl.load(M_PART + sp * N + rows, mask=row_ok, other=0.0))
-    total = tl.exp(l_pos - m)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    for sp in range(0, n_splits):
-        part = sp * N + rows
-        scale = tl.exp(tl.load(M_PART + part, mask=row_ok, other=0.0) - m)
-        total += tl.load(L_PART + part, mask=row_ok, other=0.0) * scale
-        if NEED_WSUM:
-            a = tl.load(ACC_PART + part.to(tl.int64)[:, None] * D + offs_d[None, :],
-                        mask=tile_ok, other=0.0)
-            acc += a * scale[:, None]
-    log_total = tl.log(total)
-    tl.store(LSE + rows, m + log_total, mask=row_ok)
-    tl.store(LOSS + rows, (m - l_pos) + log_total, mask=row_ok)
-    if NEED_WSUM:
-        tl.store(WSUM + rows.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
-                 acc / total[:, None], mask=tile_ok)
+# ---------------------------------------------------------------------------------------------
+# Queries against a queue of negatives
+
+@triton.jit(do_not_specialize=["R"])
+def _row_rnorm_kernel(X, OUT, R, D, stride_x, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """OUT[r] = 1 / max(||X[r]||, eps), read in X's dtype and summed in ACC (a torch reduction
+    to fp32 would convert the whole queue first on some devices)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    rows64 = rows.to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    ss = tl.zeros([BLOCK_R], dtype=ACC)
+    for k0 in range(0, D, BLOCK_K):
+        x = _load_rows(X, rows64, row_ok, k0 + offs, D, stride_x, ACC)
+        ss += tl.sum(x * x, axis=1)
+    tl.store(OUT + rows, 1.0 / tl.maximum(tl.sqrt(ss), _EPS), mask=row_ok)
 
 
-@triton.jit
-def _neg_bwd_kernel(G, Q, K, LSE, WSUM, DQ, DK, N, D,
-                    stride_qn, stride_qd, stride_kn, stride_kd, stride_w,
-                    stride_dq, stride_dk, inv_t: "fp64",
-                    NORMALIZE: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Row-local: d loss_i / d qn_i = inv_t * ((p0 - 1) kn_i + wsum_i), with wsum from the
-    # forward, so the queue is not touched here.
+@triton.jit(do_not_specialize=["N", "KNEG", "tiles_per_split", "normalize"])
+def _neg_partial_kernel(Q, NEG, RNEG, M_PART, L_PART, ACC_PART, N, D, KNEG, tiles_per_split,
+                        stride_q, stride_neg, stride_part, inv_t: "fp64", normalize,
+                        NEED_WSUM: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_DV: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    # Grid: (row blocks, queue splits, feature chunks of BLOCK_DV). MoCo has few queries
+    # (N ~ 256) and a long queue (K ~ 65536): splitting the queue is what fills the GPU. Q holds
+    # the normalized queries in the DOT dtype; the queue is read in place in its own dtype, and
+    # RNEG holds its rows' 1/max(||n_j||, eps) when normalizing (one O(K*D) pass by the
+    # launcher: forming the norms here would keep an fp32 copy of every tile live); normalize
+    # is an int, not a bool (triton 3.6's interpreter cannot pass bools). With
+    # NEED_WSUM each program also accumulates its feature chunk of sum_j exp(S_ij - m) Qn_j.
     inv_t = tl.full([], inv_t, ACC)
+    pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    q_tile = tl.zeros([BLOCK_M, BLOCK_K], dtype=DOT)
+    offs_b = offs_v
+    if ONE_CHUNK:
+        q_tile = _load_rows(Q, rows64, row_ok, offs_k, D, stride_q, DOT)
+        offs_b = offs_k
+
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    l = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    n_lo, n_hi = _split_range(pid_s, tiles_per_split, KNEG, BLOCK_N)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_hi
+        s, v = _column_tile(Q, q_tile, rows64, row_ok, NEG, cols.to(tl.int64), col_ok, offs_b,
+                            D, stride_q, stride_neg, ACC, BLOCK_M, BLOCK_N, BLOCK_K, ONE_CHUNK,
+                            NEED_WSUM)
+        if normalize != 0:
+            r_neg = tl.load(RNEG + cols, mask=col_ok, other=0.0)
+        else:
+            r_neg = tl.full([BLOCK_N], 1.0, ACC)
+        s = tl.where(col_ok[None, :], s * inv_t * r_neg[None, :], float("-inf"))
+        m, l, p, alpha = _online_lse(m, l, s)
+        if NEED_WSUM:
+            # V = Qn: the normalization folds into the weights instead of the (BLOCK_N, D) tile.
+            # p <= 1; fp16 weights get 2^8 of headroom against its subnormals.
+            if DOT == tl.float16:
+                w = p * (r_neg * 256.0)[None, :]
+            else:
+                w = p * r_neg[None, :]
+            acc = _dot(w.to(DOT), v, acc * alpha[:, None])
+
+    part = pid_s * N + rows
+    first = tl.program_id(2) == 0
+    tl.store(M_PART + part, m, mask=row_ok & first)
+    tl.store(L_PART + part, l, mask=row_ok & first)
+    if NEED_WSUM:
+        if DOT == tl.float16:
+            acc = acc * (1.0 / 256.0)
+        tl.store(ACC_PART + part.to(tl.int64)[:, None] * stride_part + offs_v[None, :], acc,
+                 mask=row_ok[:, None] & (offs_v < D)[None, :])
+
+
+@triton.jit(do_not_specialize=["N", "n_splits"])
+def _combine_kernel(LPOS, M_PART, L_PART, ACC_PART, LOSS, LSE_NEG, WSUM, N, D, n_splits,
+                    stride_part, stride_w, NEED_WSUM: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Merges the splits of _pair_lse_kernel or _neg_partial_kernel: N rows, each with its
+    # positive logit LPOS. Grid: (row blocks, feature chunks). Each program merges the splits'
+    # (max, sum) of its rows (cheap, repeated per chunk) and rescales its chunk of the
+    # accumulators.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    l_pos = tl.load(LPOS + rows, mask=row_ok, other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    for sp in range(0, n_splits):
+        m = tl.maximum(m, tl.load(M_PART + sp * N + rows, mask=row_ok, other=0.0))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([BLOCK_M], dtype=ACC)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tile_ok = row_ok[:, None] & (offs_d < D)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for sp in range(0, n_splits):
+        part = sp * N + rows
+        scale = tl.exp(tl.load(M_PART + part, mask=row_ok, other=0.0) - m_use)
+        l += tl.load(L_PART + part, mask=row_ok, other=0.0) * scale
+        if NEED_WSUM:
+            a = tl.load(ACC_PART + part.to(tl.int64)[:, None] * stride_part + offs_d[None, :],
+                        mask=tile_ok, other=0.0)
+            acc += a * scale[:, None]
+    lse_neg = m + tl.log(l)
+    # loss = log(1 + sum_neg exp(s - l_pos)), with the negatives' max taken relative to the
+    # positive before anything is rounded at the logits' magnitude (~1/T): exactly log(2N - 1)
+    # when all logits are equal, full relative precision when the positive dominates (the C++
+    # kernels' log_sum_states, csrc/info_nce.h).
+    t = m - l_pos
+    b = t + tl.log(l)
+    near = _log1p(l * tl.exp(t))
+    far = b + _log1p(tl.exp(-b))
+    loss = tl.where(b > 20.0, far, near)
+    first = tl.program_id(1) == 0
+    tl.store(LSE_NEG + rows, lse_neg, mask=row_ok & first)
+    tl.store(LOSS + rows, loss, mask=row_ok & first)
+    if NEED_WSUM:
+        # P_ij = exp(s_ij - lse) with lse = l_pos + loss: wsum = acc * exp(m - lse).
+        w = acc * tl.exp(m_use - (l_pos + loss))[:, None]
+        tl.store(WSUM + rows.to(tl.int64)[:, None] * stride_w + offs_d[None, :], w,
+                 mask=tile_ok)
 
-    q = tl.load(Q + rows64[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=tile_ok, other=0.0).to(ACC)
-    k = tl.load(K + rows64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=tile_ok, other=0.0).to(ACC)
-    w = tl.load(WSUM + rows64[:, None] * stride_w + offs_d[None, :], mask=tile_ok, other=0.0)
-    g = tl.load(G + rows, mask=row_ok, other=0.0)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
 
-    if NORMALIZE:
-        eps = tl.full([], EPS, ACC)
-        nq = tl.sqrt(tl.sum(q * q, axis=1))
-        nk = tl.sqrt(tl.sum(k * k, axis=1))
-        r_q = 1.0 / tl.maximum(nq, eps)
-        r_k = 1.0 / tl.maximum(nk, eps)
-        q = q * r_q[:, None]
-        k = k * r_k[:, None]
-    l_pos = tl.sum(q * k, axis=1) * inv_t
-    gt = g * inv_t
-    c = gt * (tl.exp(l_pos - lse) - 1.0)
-    dqn = c[:, None] * k + gt[:, None] * w
-    dkn = c[:, None] * q
-    if NORMALIZE:
-        # Same normalization backward as the pair kernel (projection only above eps).
-        rad_q = tl.where(nq >= eps, tl.sum(q * dqn, axis=1), 0.0)
-        rad_k = tl.where(nk >= eps, tl.sum(k * dkn, axis=1), 0.0)
-        dq = r_q[:, None] * (dqn - q * rad_q[:, None])
-        dk = r_k[:, None] * (dkn - k * rad_k[:, None])
+# ---------------------------------------------------------------------------------------------
+# Launch plans: the constexprs and launch options of every kernel, chosen from the problem's
+# dtypes and D alone. The launchers and the compile gate both go through these functions.
+
+class Plan(NamedTuple):
+    kernel: object          # the @triton.jit function
+    constexprs: dict        # name -> value (triton dtypes spelled as strings, see tl_dtype)
+    num_warps: int
+    num_stages: int
+
+
+# Tile tables. Chosen offline for sm_90 and sm_80 by compiling candidates with triton's ptxas
+# (tools/triton_tiles.py; tools/triton_gate.py checks the result: no spills, shared memory
+# within the limit), keeping large tiles; not yet tuned on a GPU. Every tl.dot has K >= 16
+# (triton 3.6 rejects less). "one": D <= ONE_CHUNK_MAX, the row block stays in registers and
+# BLOCK_K = BLOCK_DV = ONE_CHUNK_MAX; "chunked": any D, in BLOCK_K chunks.
+#   logits-only kernels: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+#   kernels with an accumulator: (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DV, num_warps, num_stages)
+_PAIR_LSE = {  # dot dtype -> {"one": ..., "chunked": ...}
+    "float16": {"one": (128, 64, 128, 8, 3), "chunked": (128, 64, 32, 8, 3)},
+    "bfloat16": {"one": (128, 64, 128, 8, 3), "chunked": (128, 64, 32, 8, 3)},
+    "float32": {"one": None, "chunked": (64, 64, 16, 4, 3)},
+    "float64": {"one": None, "chunked": (64, 32, 16, 4, 3)},
+}
+_PAIR_GRAD = {
+    "float16": {"one": (128, 64, 128, 128, 8, 3), "chunked": (64, 64, 64, 256, 8, 2)},
+    "bfloat16": {"one": (128, 64, 128, 128, 8, 3), "chunked": (64, 64, 64, 256, 8, 2)},
+    "float32": {"one": None, "chunked": (32, 32, 16, 128, 8, 2)},
+    "float64": {"one": None, "chunked": (32, 16, 16, 64, 8, 2)},
+}
+# (query dtype, queue dtype) -> tiles, for the queues read in place (see neg_dot_name).
+_NEG_LOGITS = {
+    ("float16", "float16"): {"one": (64, 128, 128, 8, 3), "chunked": (64, 128, 64, 8, 3)},
+    ("bfloat16", "bfloat16"): {"one": (64, 128, 128, 8, 3), "chunked": (64, 128, 64, 8, 3)},
+    ("float16", "float32"): {"one": (64, 128, 128, 8, 3), "chunked": (64, 128, 64, 8, 3)},
+    ("bfloat16", "float32"): {"one": (64, 128, 128, 8, 3), "chunked": (64, 128, 64, 8, 3)},
+    ("float32", "float32"): {"one": None, "chunked": (64, 64, 16, 4, 3)},
+    ("float32", "float16"): {"one": None, "chunked": (32, 64, 16, 4, 3)},
+    ("float32", "bfloat16"): {"one": None, "chunked": (32, 64, 16, 4, 3)},
+    ("float64", "float64"): {"one": None, "chunked": (64, 32, 16, 8, 3)},
+}
+_NEG_WSUM = {
+    ("float16", "float16"): {"one": (128, 64, 128, 128, 8, 3), "chunked": (64, 64, 64, 256, 8, 2)},
+    ("bfloat16", "bfloat16"): {"one": (128, 64, 128, 128, 8, 3), "chunked": (64, 64, 64, 256, 8, 2)},
+    ("float16", "float32"): {"one": (128, 64, 128, 128, 8, 3), "chunked": (64, 64, 64, 256, 8, 2)},
+    ("bfloat16", "float32"): {"one": (128, 64, 128, 128, 8, 3), "chunked": (64, 64, 64, 256, 8, 2)},
+    ("float32", "float32"): {"one": None, "chunked": (32, 32, 16, 128, 8, 2)},
+    ("float32", "float16"): {"one": None, "chunked": (32, 32, 16, 128, 8, 2)},
+    ("float32", "bfloat16"): {"one": None, "chunked": (32, 32, 16, 128, 8, 2)},
+    ("float64", "float64"): {"one": None, "chunked": (32, 16, 16, 64, 8, 2)},
+}
+_COMBINE = (16, 32, 4)  # BLOCK_M, BLOCK_D, num_warps: many small programs (N ~ 256)
+_RNORM = (64, 64, 4)  # BLOCK_R, BLOCK_K, num_warps
+# The interpreter runs on CPU: small tiles keep it fast and make the masked edges, the
+# multi-block loops, the feature chunks and the queue splits all run at test sizes.
+_INTERPRET_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_DV=32)
+
+
+def check_d(d: int) -> None:
+    if not 1 <= d <= MAX_D:
+        raise ValueError(f"the Triton InfoNCE kernels support 1 to {MAX_D} features, got {d}")
+
+
+def padded_width(d: int) -> int:
+    """Row stride of the launchers' own copies: D rounded up to ALIGN (zeros change no dot)."""
+    return -(-d // ALIGN) * ALIGN
+
+
+def _tiles(entry: dict, d: int):
+    """(one chunk?, tiles) for feature dimension d."""
+    if entry["one"] is not None and d <= ONE_CHUNK_MAX:
+        return True, entry["one"]
+    return False, entry["chunked"]
+
+
+def _interpret_tiles(one: bool, d: int, wide: bool) -> dict:
+    t = dict(_INTERPRET_TILES)
+    if one:
+        t["BLOCK_K"] = t["BLOCK_DV"] = max(ALIGN, triton.next_power_of_2(d))
+    if not wide:
+        del t["BLOCK_DV"]
+    return t
+
+
+def _plan(kernel, entry: dict, d: int, wide: bool, interpret: bool, **fixed) -> Plan:
+    one, tiles = _tiles(entry, d)
+    if wide:
+        bm, bn, bk, bdv, warps, stages = tiles
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DV=bdv)
     else:
-        dq = dqn
-        dk = dkn
-    tl.store(DQ + rows64[:, None] * stride_dq + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=tile_ok)
-    tl.store(DK + rows64[:, None] * stride_dk + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=tile_ok)
+        bm, bn, bk, warps, stages = tiles
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    if interpret:
+        blocks, stages = _interpret_tiles(one, d, wide), 1
+    return Plan(kernel, dict(fixed, ONE_CHUNK=one, **blocks), warps, stages)
 
 
-def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
-    _check_float_2d("q", q)
-    _check_float_2d("k", k)
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} "
-                         f"and {tuple(k.shape)}")
-    _check_d(q.shape[1])
+def pair_lse_plan(dtype: str, d: int, interpret: bool = False) -> Plan:
+    return _plan(_pair_lse_kernel, _PAIR_LSE[dtype], d, False, interpret, ACC=acc_name(dtype))
 
 
-def _needs_layout_barrier(x: torch.Tensor, acc: torch.dtype) -> bool:
-    """16-bit tiles feeding an fp64 tl.dot need _load_dot_operand's workaround."""
-    return acc == torch.float64 and x.element_size() < 4
+def pair_grad_plan(dtype: str, d: int, interpret: bool = False) -> Plan:
+    return _plan(_pair_grad_kernel, _PAIR_GRAD[dtype], d, True, interpret, ACC=acc_name(dtype))
 
 
-def _queue_splits(n_rows: int, k_neg: int, block_m: int, block_n: int,
-                  device: torch.device) -> tuple[int, int]:
-    """(number of splits, tiles per split) of the queue for the negatives forward."""
-    tiles = triton.cdiv(k_neg, block_n)
-    if tiles <= 1:
-        return 1, max(tiles, 1)
-    row_blocks = triton.cdiv(n_rows, block_m)
-    splits = min(tiles, triton.cdiv(_target_programs(device), row_blocks))
-    if not _interpreting():
-        # Keep >= 4 tiles per split so partial (N, D) write-backs stay a small overhead.
-        splits = min(splits, triton.cdiv(tiles, 4))
-    splits = max(splits, 1)
-    per_split = triton.cdiv(tiles, splits)
-    return triton.cdiv(tiles, per_split), per_split
+def neg_dot_name(q_dtype: str, neg_dtype: str) -> str | None:
+    """The dot dtype for queries of ``q_dtype`` against a queue of ``neg_dtype`` read in place,
+    or None when the launcher converts the queue to ``q_dtype`` first (rare pairings: fp64
+    queries, a queue of the other half type or of fp64)."""
+    if neg_dtype == q_dtype:
+        return q_dtype
+    if q_dtype == "float32" and neg_dtype in HALF:
+        return "float32"  # an fp32 model with a half-precision queue: tiles upcast exactly
+    if q_dtype in HALF and neg_dtype == "float32":
+        return q_dtype  # autocast: queue tiles round to the queries' dtype, as einsum would
+    return None
 
 
-def neg_fwd(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, inv_t: float,
-            normalize: bool, need_grad: bool):
-    """Per-row MoCo InfoNCE loss against a queue of negatives.
-
-    Returns ``(loss, lse, wsum)``: loss and lse of shape (N,), and wsum (N, D), the softmax-
-    weighted sum of the normalized negatives that :func:`neg_bwd` needs, or an empty tensor when
-    ``need_grad`` is False (the second ``tl.dot`` is then skipped). ``negatives`` is read in
-    place in its own dtype and strides.
-    """
-    _check_qk(q, k)
-    _check_float_2d("negatives", negatives)
-    n, d = q.shape
-    if negatives.shape[1] != d:
-        raise ValueError(f"negatives must have {d} features, got shape {tuple(negatives.shape)}")
-    k_neg = negatives.shape[0]
-    acc = _acc_dtype(q, k)
-    dev = q.device
-    loss = torch.empty(n, dtype=acc, device=dev)
-    lse = torch.empty(n, dtype=acc, device=dev)
-    wsum = torch.empty((n, d) if need_grad else (0,), dtype=acc, device=dev)
-    if n == 0:
-        return loss, lse, wsum
-
-    cfg = _cfg(d, wide=bool(need_grad), acc=acc)
-    splits, per_split = _queue_splits(n, k_neg, cfg.block_m, cfg.block_n, dev)
-    split = splits > 1
-    if split:
-        lpos = torch.empty(n, dtype=acc, device=dev)
-        m_part = torch.empty((splits, n), dtype=acc, device=dev)
-        l_part = torch.empty((splits, n), dtype=acc, device=dev)
-        acc_part = torch.empty((splits, n, d), dtype=acc, device=dev) if need_grad else loss
-    else:
-        # Unused pointers in this specialization; a real buffer avoids passing a null pointer.
-        lpos = m_part = l_part = acc_part = loss
-    w_arg = wsum if need_grad else loss
-    w_stride = wsum.stride(0) if need_grad else 0
-    acc_tl = _tl_dtype(acc)
-
-    grid = (triton.cdiv(n, cfg.block_m), splits)
-    _neg_fwd_kernel[grid](
-        q, k, negatives, loss, lse, w_arg, lpos, m_part, l_part, acc_part,
-        n, d, k_neg, per_split,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        negatives.stride(0), negatives.stride(1), w_stride, float(inv_t),
-        NORMALIZE=bool(normalize), NEED_WSUM=bool(need_grad), SPLIT=split,
-        Q_BARRIER=_needs_layout_barrier(q, acc), NEG_BARRIER=_needs_layout_barrier(negatives, acc),
-        ACC=acc_tl,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-        DOT_PREC=DOT_PRECISION, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split:
-        block_m = _rowwise_block_m(cfg.block_d, acc)
-        _neg_combine_kernel[(triton.cdiv(n, block_m),)](
-            lpos, m_part, l_part, acc_part, loss, lse, w_arg, n, d, splits, w_stride,
-            NEED_WSUM=bool(need_grad), ACC=acc_tl, BLOCK_M=block_m, BLOCK_D=cfg.block_d,
-            num_warps=4)
-    return loss, lse, wsum
+def neg_partial_plan(q_dtype: str, neg_dtype: str, d: int, need_wsum: bool,
+                     interpret: bool = False) -> Plan:
+    dot = neg_dot_name(q_dtype, neg_dtype)
+    if dot is None:
+        raise ValueError(f"no in-place kernel for {q_dtype} queries with a {neg_dtype} queue")
+    table = _NEG_WSUM if need_wsum else _NEG_LOGITS
+    plan = _plan(_neg_partial_kernel, table[(q_dtype, neg_dtype)], d, need_wsum, interpret,
+                 NEED_WSUM=need_wsum, DOT=dot, ACC=acc_name(q_dtype))
+    if not need_wsum:  # the accumulator is dead code: any width will do
+        plan.constexprs["BLOCK_DV"] = ALIGN
+    return plan
 
 
-def neg_bwd(grad_loss: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
-            wsum: torch.Tensor, inv_t: float, normalize: bool):
-    """Gradients of ``sum_i grad_loss[i] * loss[i]`` w.r.t. q and k (in their dtypes).
+def combine_plan(q_dtype: str, need_wsum: bool, interpret: bool = False) -> Plan:
+    bm, bd, warps = (16, 16, 4) if interpret else _COMBINE
+    return Plan(_combine_kernel, dict(NEED_WSUM=need_wsum, ACC=acc_name(q_dtype),
+                                          BLOCK_M=bm, BLOCK_D=bd), warps, 1)
 
-    No gradient flows to the negatives (MoCo's queue is a constant).
-    """
-    _check_qk(q, k)
-    n, d = q.shape
-    dq = torch.empty((n, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((n, d), dtype=k.dtype, device=k.device)
-    if n == 0:
-        return dq, dk
-    if wsum.shape != (n, d):
-        raise ValueError(f"wsum must have shape {(n, d)} (call neg_fwd with need_grad=True), "
-                         f"got {tuple(wsum.shape)}")
-    acc = _acc_dtype(q, k)
-    g = grad_loss.to(acc).contiguous()
-    lse = lse.to(acc).contiguous()
-    wsum = wsum.to(acc)
-    if wsum.stride(1) != 1:
-        wsum = wsum.contiguous()
-    block_d = _block_d(d)
-    block_m = _rowwise_block_m(block_d, acc)
-    _neg_bwd_kernel[(triton.cdiv(n, block_m),)](
-        g, q, k, lse, wsum, dq, dk, n, d,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), wsum.stride(0),
-        dq.stride(0), dk.stride(0), float(inv_t),
-        NORMALIZE=bool(normalize), ACC=_tl_dtype(acc), BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=4)
-    return dq, dk
+
+def row_rnorm_plan(dtype: str, interpret: bool = False) -> Plan:
+    br, bk, warps = (16, 16, 4) if interpret else _RNORM
+    return Plan(_row_rnorm_kernel, dict(ACC=acc_name(dtype), BLOCK_R=br, BLOCK_K=bk), warps, 1)
+
+
+def tl_dtype(name: str):
+    return getattr(tl, name)
+
+
+def launch_constexprs(plan: Plan) -> dict:
+    """A plan's constexprs as kernel keyword arguments (dtype names become triton dtypes)."""
+    return {k: tl_dtype(v) if isinstance(v, str) else v for k, v in plan.constexprs.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything the launchers can launch on a GPU, for the compile gate.
+
+class Launch(NamedTuple):
+    """One specialization: a plan plus the argument types its launch binds."""
+    name: str
+    plan: Plan
+    pointers: dict   # pointer argument -> element dtype name
+    ints: tuple      # int arguments the launchers pass as multiples of ALIGN
+    dot: str | None  # dtype of its tl.dot operands (None: no tl.dot)
+
+
+def _kind(plan: Plan) -> str:
+    return "one" if plan.constexprs["ONE_CHUNK"] else "chunked"
+
+
+def specializations() -> Iterator[Launch]:
+    """Every (kernel, constexprs, argument types) a GPU launch can use: each input dtype, each
+    in-place queue dtype, one-chunk and chunked D, with and without the softmax-weighted sum.
+    Sizes are not specialized and strides are multiples of ALIGN, so nothing else varies."""
+    for dt in DTYPES:
+        acc = acc_name(dt)
+        for d in (ONE_CHUNK_MAX, MAX_D):
+            plan = pair_lse_plan(dt, d)
+            yield Launch(f"pair_lse[{dt},{_kind(plan)}]", plan,
+                         dict(Z=dt, M_PART=acc, L_PART=acc), ("D", "stride_z"), dt)
+            plan = pair_grad_plan(dt, d)
+            yield Launch(f"pair_grad[{dt},{_kind(plan)}]", plan,
+                         dict(Z=dt, G=acc, LSE=acc, G_SCALE=acc, DZN_PART=acc),
+                         ("D", "stride_z", "stride_part"), dt)
+            for neg in DTYPES:
+                dot = neg_dot_name(dt, neg)
+                if dot is None:
+                    continue
+                ptrs = dict(Q=dot, NEG=neg, RNEG=acc, M_PART=acc, L_PART=acc, ACC_PART=acc)
+                for wsum in (False, True):
+                    plan = neg_partial_plan(dt, neg, d, wsum)
+                    yield Launch(f"neg_partial[{dt},queue={neg},{_kind(plan)},wsum={wsum}]",
+                                 plan, ptrs, ("D", "stride_q", "stride_neg", "stride_part"), dot)
+        yield Launch(f"row_rnorm[{dt}]", row_rnorm_plan(dt), dict(X=dt, OUT=acc),
+                     ("D", "stride_x"), None)
+        for wsum in (False, True):
+            yield Launch(f"combine[{acc},wsum={wsum}]", combine_plan(dt, wsum),
+                         dict(LPOS=acc, M_PART=acc, L_PART=acc, ACC_PART=acc, LOSS=acc,
+                              LSE_NEG=acc, WSUM=acc), ("D", "stride_part", "stride_w"), None)
