@@ -9,7 +9,9 @@ Public API:
 * :class:`EMA` - in-place EMA of a target network, built once and updated every step (one
   kernel call for the whole parameter list); :func:`ema_update_` as one stateless call,
   :func:`flatten_parameters_` for one pass per flat buffer, :func:`cosine_momentum`.
-* :mod:`sslkernels.methods` - ``SimCLR``, ``MoCoV2``, ``BYOL``, ``SimSiam``.
+* :mod:`sslkernels.methods` - ``SimCLR``, ``SimCLRv2``, ``MoCoV2``, ``BYOL``, ``SimSiam``;
+  the commands ``python -m sslkernels train | finetune | distill`` run them (pretraining,
+  SimCLR v2's fine-tuning from a head layer, and its self-distillation).
 * :class:`NegativeQueue` - MoCo's K x D ring buffer of negatives: one-launch enqueue with
   wrap-around and a device-side pointer, read in place by :func:`fused_info_nce`.
 * :mod:`sslkernels.augment` - batched augmentations with per-sample random parameters, exactly

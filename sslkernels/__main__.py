@@ -1,5 +1,9 @@
-"""Command line: ``python -m sslkernels train --method simclr|mocov2|byol|simsiam`` (the main
-job) and ``python -m sslkernels demo`` (fused NT-Xent against lightly's formulation)."""
+"""Command line: ``python -m sslkernels train --method simclr|simclrv2|mocov2|byol|simsiam``
+(the main job: self-supervised pretraining and probes), ``finetune`` and ``distill`` (SimCLR
+v2's second and third stages), and ``demo`` (fused NT-Xent against lightly's formulation).
+
+Bad arguments end as one line ``python -m sslkernels <command>: error: ...`` and exit status 2,
+with nothing written."""
 from __future__ import annotations
 
 import argparse
@@ -55,10 +59,18 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sslkernels")
+    from . import _cli, distill, finetune, train
+
+    parser = _cli.ArgumentParser(prog="python -m sslkernels")
     sub = parser.add_subparsers(dest="command", required=True)
-    from .train import build_parser
-    build_parser(sub.add_parser("train", help="self-supervised training + linear probe"))
+    commands = {
+        "train": (train, "self-supervised pretraining + linear and kNN probes"),
+        "finetune": (finetune, "fine-tune a pretrained run on a labelled fraction (SimCLR v2)"),
+        "distill": (distill, "distil a fine-tuned model into a student on unlabelled images "
+                             "(SimCLR v2)"),
+    }
+    parsers = {name: mod.build_parser(sub.add_parser(name, help=text))
+               for name, (mod, text) in commands.items()}
     p = sub.add_parser("demo", help="fused NT-Xent vs lightly's formulation: value, grad, speed")
     p.add_argument("--batch", type=int, default=2048, help="pairs per step (N per view)")
     p.add_argument("--dim", type=int, default=128)
@@ -67,13 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command == "train":
-        from .train import train
-        try:
-            train(args)
-        except KeyboardInterrupt:
-            return 130
-        return 0
+    if args.command in commands:
+        mod = commands[args.command][0]
+        return _cli.run_command(parsers[args.command], getattr(mod, args.command), args)
     return demo(args)
 
 

@@ -197,6 +197,18 @@ def moco_v2(size: int = 224, **kw) -> tuple[ViewConfig, ViewConfig]:
     return c, c
 
 
+def moco_v1(size: int = 224, **kw) -> tuple[ViewConfig, ViewConfig]:
+    """MoCo v1 (facebookresearch/moco ``main_moco.py`` without ``--aug-plus``), the baseline of
+    MoCo v2's augmentation ablation: RandomResizedCrop scale (0.2, 1), RandomGrayscale 0.2,
+    ColorJitter(0.4, 0.4, 0.4, 0.4) always applied, flip 0.5; no blur. (MoCo v1 converts to
+    grayscale before the jitter, here it is after, as in every other recipe: brightness,
+    contrast and saturation commute with grayscale up to clamping, hue on a gray image is a
+    no-op, so the two orders differ only in the hue shift of the 20% grayscale views.)"""
+    c = ViewConfig(size=size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
+                   gray_p=0.2, blur_p=0.0, solarize_p=0.0, flip_p=0.5, **kw)
+    return c, c
+
+
 def simsiam(size: int = 224, **kw) -> tuple[ViewConfig, ViewConfig]:
     """SimSiam (facebookresearch/simsiam ``main_simsiam.py``): MoCo v2's augmentation."""
     return moco_v2(size, **kw)
@@ -213,7 +225,8 @@ def byol(size: int = 224, **kw) -> tuple[ViewConfig, ViewConfig]:
             ViewConfig(blur_p=0.1, solarize_p=0.2, **base))
 
 
-RECIPES = {"simclr": simclr, "moco_v2": moco_v2, "simsiam": simsiam, "byol": byol}
+RECIPES = {"simclr": simclr, "moco_v1": moco_v1, "moco_v2": moco_v2, "simsiam": simsiam,
+           "byol": byol}
 
 
 # ---------------------------------------------------------------------------------------------

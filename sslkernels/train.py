@@ -1,10 +1,17 @@
 """The trainer behind ``python -m sslkernels train``: one method, one dataset, checkpoints that
-resume to the same losses, and a linear probe against the randomly initialized encoder.
+resume to the same losses and the same log, and a linear probe against the randomly initialized
+encoder.
 
 Every random draw after model initialization is a function of (seed, step) or (seed, epoch): the
 epoch's shuffle and each step's augmentations. A checkpoint therefore only has to hold the
 module, optimizer and scheduler states (EMA targets and the queue are module buffers) and the
-step, and a resumed run reproduces the uninterrupted one exactly.
+step, and a resumed run reproduces the uninterrupted one exactly. ``metrics.jsonl`` is made
+durable with every checkpoint and cut back to the checkpoint's step on ``--resume``
+(:mod:`sslkernels.metrics_log`), so the resumed log equals the uninterrupted one too.
+
+Everything is checked before anything is written: a bad option, a ``--data`` folder that is
+not one, a checkpoint that is truncated, corrupt or of a differently configured run all end as a
+one-line ``error:`` (exit status 2) and leave the output directory as it was.
 
 Under ``torchrun --nproc_per_node=W`` each process trains on its slice of every global batch of
 ``--batch-size`` images (:class:`sslkernels.distributed.Ranks`); rank 0 alone logs, checkpoints
@@ -13,7 +20,7 @@ and probes.
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import math
 import os
 import sys
@@ -21,62 +28,115 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import _cli
 from . import augment as A
 from . import methods as M
+from ._cli import UsageError
+from .checkpoint import FORMAT, config_differences, load_checkpoint, save_checkpoint
 from .data import ImageFolderUint8, SyntheticShapes
 from .distributed import Ranks
+from .evaluate import MEAN, STD, knn_accuracy, linear_probe, probe  # noqa: F401 (re-exported)
+from .metrics_log import MetricsLog, check_resumable
+from .monitor import CollapseMonitor
+from .progress import Progress
 
-METHODS = ("simclr", "mocov2", "byol", "simsiam")
+METHODS = ("simclr", "simclrv2", "mocov2", "byol", "simsiam")
 
-# Augmentation recipes from the official code (sslkernels.augment: SimCLR's data_util.py,
-# MoCo v2's --aug-plus, which SimSiam reuses, and BYOL's asymmetric views).
-RECIPES = {"simclr": A.simclr, "mocov2": A.moco_v2, "byol": A.byol, "simsiam": A.simsiam}
-DEFAULT_EPOCHS = {"simclr": 15, "mocov2": 15, "byol": 60, "simsiam": 30}
+# Augmentation recipe of each method, from the official code (sslkernels.augment: SimCLR's
+# data_util.py, MoCo v2's --aug-plus, which SimSiam reuses, and BYOL's asymmetric views).
+RECIPES = {"simclr": "simclr", "simclrv2": "simclr", "mocov2": "moco_v2", "byol": "byol",
+           "simsiam": "simsiam"}
+DEFAULT_EPOCHS = {"simclr": 15, "simclrv2": 15, "mocov2": 15, "byol": 60, "simsiam": 30}
 # BYOL is trained with LARS in the paper, and on the default dataset it learns more with it (32%
 # vs 28% linear); the others use SGD as their official code does.
-DEFAULT_OPTIMIZER = {"simclr": "sgd", "mocov2": "sgd", "byol": "lars", "simsiam": "sgd"}
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_OPTIMIZER = {"simclr": "sgd", "simclrv2": "sgd", "mocov2": "sgd", "byol": "lars",
+                     "simsiam": "sgd"}
+# SimCLR at the paper's CIFAR temperature (0.5; 0.1-0.2 needs large batches); MoCo v2's 0.2.
+DEFAULT_TEMPERATURE = {"simclr": 0.5, "simclrv2": 0.5, "mocov2": 0.2}
+EMA_METHODS = ("simclrv2", "mocov2", "byol")
+DEFAULT_QUEUE = {"mocov2": 2048, "simclrv2": 0}
+SCHEDULES = ("cosine", "step")
+# MoCo v1's step schedule: x0.1 at epochs 120 and 160 of 200.
+STEP_MILESTONES = (0.6, 0.8)
+
+# The options that define a run. A resumed run must agree on all of them; the rest (device,
+# workers, output and checkpoint cadence, probe, verbosity) may change between sessions.
+CONFIG_KEYS = ("method", "data", "train_size", "image_size", "backbone", "width", "epochs",
+               "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "schedule",
+               "amp", "seed", "queue_size", "momentum", "temperature", "recipe", "min_scale",
+               "per_image_augment", "no_mlp", "no_stop_grad", "processes")
+
+
+def default_lr(method: str, optimizer: str) -> float:
+    """Base learning rate per 256 images."""
+    if optimizer == "lars" and method in ("simclr", "simclrv2", "byol"):
+        return 1.0
+    return 0.2 if method == "simsiam" else 0.5
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="python -m sslkernels train")
+    p = parser or _cli.ArgumentParser(prog="python -m sslkernels train")
+    pos, at_least = _cli.float_in, _cli.int_at_least
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--data", default=None,
                    help="image folder (ImageFolder layout); default: the embedded synthetic "
                         "shapes dataset (no download)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=at_least(16), default=32)
     p.add_argument("--backbone", default="small", choices=("small", "resnet18", "resnet50"),
                    help="small: a 4-block convnet; resnet*: torchvision ResNet (small-image stem "
                         "below 96 px)")
-    p.add_argument("--width", type=int, default=64,
+    p.add_argument("--width", type=_cli.int_multiple_of(4), default=64,
                    help="small backbone: channels of its last two blocks")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=at_least(1), default=None,
                    help="default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items())
                         + " (without negatives BYOL and SimSiam learn more slowly)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=at_least(2, " (BatchNorm needs 2 samples)"),
+                   default=128)
     p.add_argument("--optimizer", choices=("sgd", "lars"), default=None,
                    help="default: lars for byol, sgd for the others")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=pos(0, lo_open=True), default=None,
                    help="base learning rate per 256 images (default: 0.5 SimCLR, MoCo v2 and "
                         "BYOL, 1.0 SimCLR and BYOL with LARS; 0.2 SimSiam)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=pos(0), default=5e-4)
+    p.add_argument("--warmup-epochs", type=pos(0), default=1.0)
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="learning rate after warm-up: cosine decay, or MoCo v1's steps (x0.1 at "
+                        "60%% and 80%% of training)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-size", type=int, default=4000, help="synthetic dataset: images")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", type=_cli.device, default=_cli.default_device())
+    p.add_argument("--seed", type=_cli.seed, default=0)
+    p.add_argument("--train-size", type=at_least(1), default=4000,
+                   help="synthetic dataset: images")
+    p.add_argument("--workers", type=at_least(0), default=0)
     p.add_argument("--out", default="runs/{method}", help="output directory")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--checkpoint-every", type=at_least(1), default=50,
+                   help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--stop-after", type=int, default=None,
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that already holds a run")
+    p.add_argument("--stop-after", type=at_least(1), default=None,
                    help="stop (with a checkpoint) after this many steps in total")
-    p.add_argument("--queue-size", type=int, default=2048, help="MoCo queue K")
+    p.add_argument("--queue-size", type=at_least(0), default=None,
+                   help="MoCo v2: queue K (default 2048); SimCLR v2: size of the memory of "
+                        "negatives from an EMA network (default 0: none; on the default "
+                        "dataset 2048 collapses, see the README)")
+    p.add_argument("--momentum", type=pos(0, 1), default=None,
+                   help="EMA momentum of MoCo v2's key encoder, SimCLR v2's memory network and "
+                        "BYOL's target (its base value) (default 0.99; the papers' 0.999 and "
+                        "0.996 are tuned for hundreds of ImageNet epochs)")
+    p.add_argument("--temperature", type=pos(0, lo_open=True), default=None,
+                   help="InfoNCE temperature (simclr, simclrv2: 0.5; mocov2: 0.2)")
+    p.add_argument("--recipe", choices=tuple(A.RECIPES), default=None,
+                   help="augmentation recipe (default: the method's own; moco_v1 is MoCo v2's "
+                        "ablation without blur)")
+    p.add_argument("--no-mlp", action="store_true",
+                   help="mocov2: MoCo v1's linear head instead of the MLP (the paper's ablation)")
+    p.add_argument("--no-stop-grad", action="store_true",
+                   help="simsiam: no stop-gradient (the paper's ablation: collapses)")
     p.add_argument("--no-probe", action="store_true")
-    p.add_argument("--min-scale", type=float, default=None,
+    p.add_argument("--min-scale", type=pos(0, 1, lo_open=True), default=None,
                    help="smallest crop area fraction (default: 0.4 for images below 64 px, "
                         "else the recipe's 0.08 or 0.2)")
     p.add_argument("--per-image-augment", action="store_true",
@@ -85,31 +145,88 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def resolve(args, world: int = 1) -> dict:
+    """The run's configuration (:data:`CONFIG_KEYS`) with the per-method defaults filled in;
+    :class:`UsageError` for options that do not fit together. Writes nothing."""
+    m = args.method
+    if args.no_mlp and m != "mocov2":
+        raise UsageError(f"--no-mlp applies to --method mocov2 (MoCo's head), not {m}")
+    if args.no_stop_grad and m != "simsiam":
+        raise UsageError(f"--no-stop-grad applies to --method simsiam, not {m}")
+    if args.momentum is not None and m not in EMA_METHODS:
+        raise UsageError(f"--momentum applies to the methods with an EMA network "
+                         f"({', '.join(EMA_METHODS)}), not {m}")
+    if args.temperature is not None and m not in DEFAULT_TEMPERATURE:
+        raise UsageError(f"--temperature applies to the contrastive methods "
+                         f"({', '.join(DEFAULT_TEMPERATURE)}), not {m}")
+    if m == "mocov2" and args.queue_size is not None and args.queue_size < 1:
+        raise UsageError("--queue-size must be >= 1 for mocov2 (the queue of negatives), got "
+                         f"{args.queue_size}")
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the number of "
+                         f"processes ({world}): it is the global batch")
+    if args.batch_size // world < 2:
+        raise UsageError(f"--batch-size {args.batch_size} over {world} processes leaves fewer "
+                         f"than 2 images per process (BatchNorm needs 2)")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in OUT, --overwrite replaces it: pick one")
+    optimizer = args.optimizer or DEFAULT_OPTIMIZER[m]
+    cfg = {k: getattr(args, k, None) for k in CONFIG_KEYS}
+    cfg.update(epochs=args.epochs or DEFAULT_EPOCHS[m], optimizer=optimizer,
+               lr=args.lr if args.lr is not None else default_lr(m, optimizer),
+               temperature=(args.temperature if args.temperature is not None
+                            else DEFAULT_TEMPERATURE.get(m)),
+               momentum=((args.momentum if args.momentum is not None else 0.99)
+                         if m in EMA_METHODS else None),
+               recipe=args.recipe or RECIPES[m],
+               min_scale=(args.min_scale if args.min_scale is not None
+                          else default_min_scale(args.image_size)),
+               data=os.path.abspath(args.data) if args.data is not None else None,
+               train_size=args.train_size if args.data is None else None,
+               width=args.width if args.backbone == "small" else None,
+               queue_size=(args.queue_size if args.queue_size is not None else
+                           DEFAULT_QUEUE[m]) if m in DEFAULT_QUEUE else None,
+               processes=world)
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces
 
-def make_backbone(name: str, image_size: int, width: int = 64) -> tuple[nn.Module, int]:
+def make_backbone(name: str, image_size: int, width: int | None = 64) -> tuple[nn.Module, int]:
     if name == "small":
         net = M.SmallConvNet(width)
         return net, net.width
     return M.resnet_backbone(name, small_images=image_size < 96)
 
 
-def make_method(name: str, backbone: nn.Module, width: int, args) -> nn.Module:
-    # Sized for runs of a few hundred steps: SimCLR at the paper's CIFAR temperature (0.5; 0.1-0.2
-    # needs large batches), MoCo's and BYOL's targets with lower momentum than the papers'
-    # 0.999 / 0.996, which are tuned for hundreds of ImageNet epochs and would leave the target
-    # almost at its random initialization here.
-    if name == "simclr":
-        return M.SimCLR(backbone, width, proj_hidden=512, proj_dim=128, proj_layers=3,
-                        temperature=0.5)
+def make_method(cfg: dict, backbone: nn.Module, width: int) -> nn.Module:
+    # Sized for runs of a few hundred steps: MoCo's and BYOL's targets (and SimCLR v2's memory
+    # network) default to a lower momentum (cfg["momentum"], 0.99) than the papers' 0.999 /
+    # 0.996, which are tuned for hundreds of ImageNet epochs and would leave the target almost
+    # at its random initialization here.
+    name, t, m = cfg["method"], cfg["temperature"], cfg["momentum"]
+    if name == "simclr":  # SimCLR v1: Linear-ReLU-Linear
+        return M.SimCLR(backbone, width, proj_hidden=512, proj_dim=128, proj_layers=2,
+                        temperature=t)
+    if name == "simclrv2":
+        return M.SimCLRv2(backbone, width, proj_hidden=512, proj_dim=128, proj_layers=3,
+                          temperature=t, memory_size=cfg["queue_size"], momentum=m)
     if name == "mocov2":
-        return M.MoCoV2(backbone, width, dim=128, mlp_hidden=512, queue_size=args.queue_size,
-                        momentum=0.99, temperature=0.2)
+        return M.MoCoV2(backbone, width, dim=128, mlp_hidden=512, queue_size=cfg["queue_size"],
+                        momentum=m, temperature=t,
+                        head="linear" if cfg["no_mlp"] else "mlp")
     if name == "byol":
         return M.BYOL(backbone, width, proj_hidden=1024, proj_dim=256, pred_hidden=1024,
-                      base_momentum=0.99)
-    return M.SimSiam(backbone, width, dim=512, pred_dim=128)
+                      base_momentum=m)
+    return M.SimSiam(backbone, width, dim=512, pred_dim=128,
+                     stop_gradient=not cfg["no_stop_grad"])
+
+
+def build_method(cfg: dict) -> nn.Module:
+    """The method of a configuration, freshly initialized from the global generator."""
+    backbone, width = make_backbone(cfg["backbone"], cfg["image_size"], cfg["width"])
+    return make_method(cfg, backbone, width)
 
 
 def default_min_scale(image_size: int) -> float | None:
@@ -145,7 +262,7 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
-def make_optimizer(method: nn.Module, name: str, opt_name: str, lr: float, wd: float):
+def make_optimizer(method: nn.Module, opt_name: str, lr: float, wd: float):
     if isinstance(method, M.SimSiam):
         groups = method.parameter_groups()
     else:
@@ -156,14 +273,25 @@ def make_optimizer(method: nn.Module, name: str, opt_name: str, lr: float, wd: f
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=wd)
 
 
-def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
+    """The learning-rate multiplier of ``step`` (0-based): linear warm-up, then cosine decay to
+    0, or MoCo v1's steps (x0.1 at 60% and 80% of ``total_steps``)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "step":
+        return 0.1 ** sum(step >= m * total_steps for m in STEP_MILESTONES)
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def lr_schedule(optimizer, warmup_steps: int, total_steps: int, schedule: str = "cosine"):
+    factor = lambda s: lr_factor(s, warmup_steps, total_steps, schedule)  # noqa: E731
     lambdas = [(lambda s: 1.0) if g.get("fix_lr") else factor for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
+    return lr_schedule(optimizer, warmup_steps, total_steps, "cosine")
 
 
 def _view_transform(c: A.ViewConfig):
@@ -187,16 +315,19 @@ class Views:
     torchvision image by image (``per_image=True``). Every draw comes from a generator seeded by
     (seed, step), so a resumed run draws exactly what the uninterrupted one drew.
 
+    ``recipe``: a recipe of :data:`sslkernels.augment.RECIPES`, or a method name (its recipe).
     ``min_scale`` replaces the lower end of the recipe's crop-area range (both views).
     """
 
-    def __init__(self, method: str, size: int, seed: int, per_image: bool = False,
+    def __init__(self, recipe: str, size: int, seed: int, per_image: bool = False,
                  min_scale: float | None = None, channels_last: bool = False):
-        if method not in RECIPES:
-            raise ValueError(f"method must be one of {tuple(RECIPES)}, got {method!r}")
+        recipe = RECIPES.get(recipe, recipe)
+        if recipe not in A.RECIPES:
+            raise ValueError(f"recipe must be one of {tuple(A.RECIPES)} or a method "
+                             f"{METHODS}, got {recipe!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be an int >= 1, got {size!r}")
-        configs = RECIPES[method](size, mean=MEAN, std=STD, channels_last=channels_last)
+        configs = A.RECIPES[recipe](size, mean=MEAN, std=STD, channels_last=channels_last)
         if min_scale is not None:
             if not 0 < min_scale <= 1:
                 raise ValueError(f"--min-scale must be in (0, 1], got {min_scale}")
@@ -247,14 +378,28 @@ def _materialize(ds) -> _Tensors:
                     ds.classes)
 
 
-def make_data(args) -> Data:
-    if args.data is None:
-        train = _materialize(SyntheticShapes(args.train_size, args.image_size, seed=args.seed))
-        held = _materialize(SyntheticShapes(max(500, args.train_size // 4), args.image_size,
-                                            seed=args.seed + 7919))
+def make_data(cfg: dict) -> Data:
+    """The training and held-out splits of a configuration (``data``, ``train_size``,
+    ``image_size``, ``seed``): the synthetic shapes, or a random fifth of an image folder held
+    out. :class:`UsageError` for a folder that is not an image folder."""
+    if cfg["data"] is None:
+        train = _materialize(SyntheticShapes(cfg["train_size"], cfg["image_size"],
+                                             seed=cfg["seed"]))
+        held = _materialize(SyntheticShapes(max(500, cfg["train_size"] // 4),
+                                            cfg["image_size"], seed=cfg["seed"] + 7919))
         return Data(train, held, train.classes)
-    full = ImageFolderUint8(args.data)
-    g = torch.Generator().manual_seed(args.seed)
+    root = cfg["data"]
+    if not os.path.isdir(root):
+        raise UsageError(f"--data {root}: no such directory")
+    try:
+        full = ImageFolderUint8(root)
+    except (FileNotFoundError, OSError, RuntimeError) as e:
+        raise UsageError(f"--data {root}: not an image folder (root/class/image.jpg): "
+                         f"{str(e).splitlines()[0]}") from None
+    if len(full) < 2:
+        raise UsageError(f"--data {root}: {len(full)} image(s); at least 2 are needed (one "
+                         f"fifth is held out)")
+    g = torch.Generator().manual_seed(cfg["seed"])
     perm = torch.randperm(len(full), generator=g).tolist()
     cut = max(1, len(full) // 5)
     held = torch.utils.data.Subset(full, perm[:cut])
@@ -268,85 +413,53 @@ def _batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
     return [perm[i:i + batch] for i in range(0, n - batch + 1, batch)]
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: written to a temporary file in the same directory, then renamed over ``path``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def out_dir(args) -> str:
+    return args.out.format(method=args.method)
+
+
+def check_out_dir(out: str, resume: bool, overwrite: bool) -> None:
+    """An output directory that can be written, and no finished or half-done run in it unless
+    ``--resume`` or ``--overwrite`` says what to do with it."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    parent = out
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent or ".", os.W_OK):
+        raise UsageError(f"--out {out}: {parent or '.'} is not writable")
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if not resume and not overwrite and os.path.exists(ckpt):
+        raise UsageError(f"{out} already holds a run ({ckpt}): add --resume to continue it, "
+                         f"--overwrite to start over, or pick another --out")
 
 
 # ---------------------------------------------------------------------------------------------
-# Probe
+# Figure
 
-@torch.no_grad()
-def _features(backbone: nn.Module, ds, size: int, device, batch: int = 256):
-    from torchvision.transforms import v2
-
-    prep = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-    was = backbone.training
-    backbone.eval()
-    feats, labels = [], []
-    for i in range(0, len(ds), batch):
-        items = [ds[j] for j in range(i, min(len(ds), i + batch))]
-        ims = [im for im, _ in items]
-        # one call for a batch of equal-sized images: tiny per-image ops are slow on a busy CPU
-        x = (prep(torch.stack(ims)) if all(im.shape == ims[0].shape for im in ims)
-             else torch.stack([prep(im) for im in ims])).to(device)
-        feats.append(backbone(x).float().cpu())
-        labels.append(torch.tensor([l for _, l in items]))
-    backbone.train(was)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def linear_probe(train_x, train_y, test_x, test_y, classes: int, epochs: int = 100) -> float:
-    """Accuracy of a softmax classifier on standardized frozen features (full-batch L-BFGS)."""
-    mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    tx, vx = (train_x - mu) / sd, (test_x - mu) / sd
-    torch.manual_seed(0)
-    clf = nn.Linear(tx.shape[1], classes)
-    opt = torch.optim.LBFGS(clf.parameters(), lr=0.5, max_iter=epochs, history_size=20,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(clf(tx), train_y) + 1e-4 * clf.weight.square().sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    with torch.no_grad():
-        return (clf(vx).argmax(1) == test_y).float().mean().item()
-
-
-def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20) -> float:
-    a, b = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    idx = (b @ a.T).topk(k, dim=1).indices
-    votes = train_y[idx]
-    pred = torch.mode(votes, dim=1).values
-    return (pred == test_y).float().mean().item()
-
-
-def probe(backbone, data: Data, size: int, device) -> dict:
-    tx, ty = _features(backbone, data.train, size, device)
-    vx, vy = _features(backbone, data.held_out, size, device)
-    n = len(data.classes)
-    return {"linear": linear_probe(tx, ty, vx, vy, n), "knn": knn_accuracy(tx, ty, vx, vy)}
-
-
-def plot(path: str, losses: list[float], steps_per_epoch: int, acc: dict) -> None:
+def plot(path: str, losses: list[float], steps_per_epoch: int, acc: dict,
+         stds: list[float] | None = None, dim: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    panels = 3 if stds else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
     x = [(i + 1) / steps_per_epoch for i in range(len(losses))]
+    a, b = axes[0], axes[-1]
     a.plot(x, losses, lw=1)
     a.set_xlabel("epoch")
     a.set_ylabel("training loss")
     a.set_title("loss")
+    if stds:
+        c = axes[1]
+        c.plot(x[:len(stds)], stds, lw=1)
+        if dim:
+            c.axhline(dim ** -0.5, ls="--", color="#999", lw=1, label="1/sqrt(d)")
+            c.legend(fontsize=8)
+        c.set_ylim(bottom=0)
+        c.set_xlabel("epoch")
+        c.set_title("std of normalized embeddings (collapse: 0)")
     names = ["random init\nlinear", "trained\nlinear", "random init\nkNN", "trained\nkNN"]
     vals = [acc["random"]["linear"], acc["trained"]["linear"], acc["random"]["knn"],
             acc["trained"]["knn"]]
@@ -364,65 +477,88 @@ def plot(path: str, losses: list[float], steps_per_epoch: int, acc: dict) -> Non
 # ---------------------------------------------------------------------------------------------
 
 def train(args) -> dict:
-    out = args.out.format(method=args.method)
-    os.makedirs(out, exist_ok=True)
+    """Runs ``python -m sslkernels train`` for parsed ``args``; returns the result dict.
+
+    Raises :class:`sslkernels._cli.UsageError` (a ``ValueError``), with nothing written, for
+    bad options, data or checkpoints."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = resolve(args, world)
+    out = out_dir(args)
     ckpt_path = os.path.join(out, "checkpoint.pt")
-    ranks = Ranks.from_env(args.device, args.batch_size)
+    log_path = os.path.join(out, "metrics.jsonl")
+    check_out_dir(out, args.resume, args.overwrite)
+    state = None
+    if args.resume:
+        if not os.path.isfile(ckpt_path):
+            raise UsageError(f"--resume: no checkpoint at {ckpt_path} (drop --resume to start "
+                             f"a run there)")
+        remedy = f"start over with --overwrite (or --out another directory)"
+        state = load_checkpoint(ckpt_path, "train", remedy, map_location="cpu")
+        diffs = config_differences(state["config"], cfg)
+        if diffs:
+            raise UsageError(f"{ckpt_path} is a run with other options: " + "; ".join(diffs)
+                             + " - resume with the checkpoint's options, or use another --out")
+        check_resumable(log_path, state["log_bytes"], state["step"])
+    data = make_data(cfg)
+    steps_per_epoch = len(data.train) // cfg["batch_size"]
+    if steps_per_epoch < 1:
+        raise UsageError(f"--batch-size {cfg['batch_size']} is larger than the training set "
+                         f"({len(data.train)} images)")
+    total = steps_per_epoch * cfg["epochs"]
+
+    ranks = Ranks.from_env(args.device, cfg["batch_size"])
     device = ranks.device(args.device)
-    torch.manual_seed(args.seed)
-    data = make_data(args)
-    if args.width < 4 or args.width % 4:
-        raise ValueError(f"--width must be a positive multiple of 4, got {args.width}")
-    backbone, width = make_backbone(args.backbone, args.image_size, args.width)
+    torch.manual_seed(cfg["seed"])
     # channels-last convolutions are ~1.5x faster on CPU; the augmentation op writes the views
     # in that layout directly
-    method = make_method(args.method, backbone, width, args).to(
-        device, memory_format=torch.channels_last)
-    import copy
+    method = build_method(cfg).to(device, memory_format=torch.channels_last)
     random_backbone = copy.deepcopy(method.backbone)  # the baseline the probe compares with
-    if args.optimizer is None:
-        args.optimizer = DEFAULT_OPTIMIZER[args.method]
-    base_lr = args.lr if args.lr is not None else {
-        "simclr": 1.0 if args.optimizer == "lars" else 0.5, "byol": 1.0 if args.optimizer ==
-        "lars" else 0.5, "simsiam": 0.2, "mocov2": 0.5}[args.method]
-    lr = base_lr * args.batch_size / 256
-    optimizer = make_optimizer(method, args.method, args.optimizer, lr, args.weight_decay)
-    steps_per_epoch = len(data.train) // args.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
-                         f"({len(data.train)} images)")
+    lr = cfg["lr"] * cfg["batch_size"] / 256
+    optimizer = make_optimizer(method, cfg["optimizer"], lr, cfg["weight_decay"])
     step_fn = ranks.wrap(method)
-    if args.epochs is None:
-        args.epochs = DEFAULT_EPOCHS[args.method]
-    if args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    total = steps_per_epoch * args.epochs
-    scheduler = cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch), total)
-    views = Views(args.method, args.image_size, args.seed, per_image=args.per_image_augment,
-                  min_scale=default_min_scale(args.image_size) if args.min_scale is None
-                  else args.min_scale, channels_last=True)
-    step, losses = 0, []
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        random_backbone.load_state_dict(state["random_backbone"])
-        step, losses = state["step"], state["losses"]
+    scheduler = lr_schedule(optimizer, int(cfg["warmup_epochs"] * steps_per_epoch), total,
+                            cfg["schedule"])
+    views = Views(cfg["recipe"], cfg["image_size"], cfg["seed"],
+                  per_image=cfg["per_image_augment"], min_scale=cfg["min_scale"],
+                  channels_last=True)
+    step, losses, stds, seconds = 0, [], [], 0.0
+    if state is not None:
+        try:
+            method.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            random_backbone.load_state_dict(state["random_backbone"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            ranks.close()
+            raise UsageError(f"{ckpt_path} does not fit the model its options build "
+                             f"({str(e).splitlines()[0][:200]}); start over with "
+                             f"--overwrite") from None
+        step, losses, stds = state["step"], state["losses"], state["stds"]
+        seconds = state["seconds"]
+
+    # Nothing has been written so far; from here on the run owns OUT.
+    if ranks.main:
+        os.makedirs(out, exist_ok=True)
+    log = MetricsLog(log_path if ranks.main else None,
+                     truncate_to=state["log_bytes"] if state is not None else None)
+    monitor = CollapseMonitor(method.projector)
+    clock = time.perf_counter()
 
     def checkpoint():
         if not ranks.main:
             return
-        save_checkpoint(ckpt_path, {"method": method.state_dict(),
-                                    "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(),
-                                    "random_backbone": random_backbone.state_dict(),
-                                    "step": step, "losses": losses, "args": vars(args)})
+        # the log first: a checkpoint must never hold steps that its log has lost
+        nbytes = log.sync()
+        save_checkpoint(ckpt_path, {
+            "format": FORMAT, "kind": "train", "method": cfg["method"], "config": cfg,
+            "model": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "random_backbone": random_backbone.state_dict(),
+            "step": step, "losses": losses, "stds": stds, "log_bytes": nbytes,
+            "seconds": seconds + time.perf_counter() - clock, "args": _plain(vars(args))})
 
-    metrics = open(os.path.join(out, "metrics.jsonl") if ranks.main else os.devnull, "a")
     stop_at = total if args.stop_after is None else min(total, args.stop_after)
+    progress = Progress(total, steps_per_epoch, initial=step,
+                        enabled=not args.quiet and ranks.main, desc=cfg["method"])
     t_start, seen = time.perf_counter(), 0
     method.train()
     try:
@@ -430,13 +566,14 @@ def train(args) -> dict:
             epoch, first = divmod(step, steps_per_epoch)
             loader = torch.utils.data.DataLoader(
                 data.train, batch_sampler=[ranks.slice(b) for b in _batches(
-                    len(data.train), args.batch_size, args.seed, epoch)[first:]],
+                    len(data.train), cfg["batch_size"], cfg["seed"], epoch)[first:]],
                 collate_fn=A.uint8_collate, num_workers=args.workers)
             for images, _ in loader:
                 t0 = time.perf_counter()
-                ranks.seed_step(args.seed, step)
+                ranks.seed_step(cfg["seed"], step)
+                monitor.reset()
                 v = views(images, ranks.augment_key(step), device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"]):
                     loss = step_fn(v)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -445,54 +582,66 @@ def train(args) -> dict:
                 method.after_optimizer_step(step, total)
                 step += 1
                 losses.append(ranks.mean(loss.detach()).item())
-                seen += len(images) * ranks.world
-                ips = len(images) * ranks.world / (time.perf_counter() - t0)
-                metrics.write(json.dumps({"step": step, "epoch": step / steps_per_epoch,
-                                          "loss": losses[-1],
-                                          "lr": optimizer.param_groups[0]["lr"],
-                                          "images_per_s": ips}) + "\n")
-                if not args.quiet and ranks.main:
-                    done = int(30 * step / total)
-                    print(f"\r[{'#' * done}{'.' * (30 - done)}] epoch {epoch + 1}/{args.epochs} "
-                          f"step {step}/{total} loss {losses[-1]:.4f} {ips:.0f} img/s",
-                          end="", file=sys.stderr, flush=True)
+                std = monitor.value()
+                stds.append(ranks.mean(torch.tensor(std, device=device)).item()
+                            if ranks.world > 1 else std)
+                n_images = len(images) * ranks.world
+                seen += n_images
+                ips = n_images / (time.perf_counter() - t0)
+                log.write({"step": step, "epoch": step / steps_per_epoch, "loss": losses[-1],
+                           "lr": optimizer.param_groups[0]["lr"], "embedding_std": stds[-1],
+                           "images_per_s": ips,
+                           "seconds": seconds + time.perf_counter() - clock})
+                progress.update(step, losses[-1], n_images, std=stds[-1])
                 if step % args.checkpoint_every == 0 or step == stop_at:
                     checkpoint()
                 if step >= stop_at:
                     break
     except KeyboardInterrupt:
+        progress.close()
         checkpoint()
-        metrics.close()
-        print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} "
-              f"(continue with --resume)", file=sys.stderr)
+        log.close()
+        if ranks.main:
+            print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} "
+                  f"(continue with --resume)", file=sys.stderr)
         raise
-    metrics.close()
-    if not args.quiet and ranks.main:
-        print(file=sys.stderr)
+    finally:
+        monitor.remove()
+        progress.close()
+    log.close()
     elapsed = time.perf_counter() - t_start
-    result = {"method": args.method, "steps": step, "losses": losses,
-              "seconds": elapsed, "seconds_per_epoch": elapsed / max(1e-9, seen / len(data.train))}
+    dim = [m for m in method.projector.modules() if isinstance(m, nn.Linear)][-1].out_features
+    result = {"method": cfg["method"], "config": cfg, "steps": step, "losses": losses,
+              "embedding_std": stds[-1] if stds else None, "embedding_dim": dim,
+              "seconds": elapsed,
+              "seconds_per_epoch": elapsed / max(1e-9, seen / len(data.train))}
     if step >= total and ranks.main:
-        checkpoint()
         if not args.no_probe:
-            acc = {"random": probe(random_backbone, data, args.image_size, device),
-                   "trained": probe(method.backbone, data, args.image_size, device)}
+            acc = {"random": probe(random_backbone, data.train, data.held_out,
+                                   len(data.classes), cfg["image_size"], device),
+                   "trained": probe(method.backbone, data.train, data.held_out,
+                                    len(data.classes), cfg["image_size"], device)}
             result["probe"] = acc
-            plot(os.path.join(out, "curves.png"), losses, steps_per_epoch, acc)
-            print(f"{args.method}: linear probe {100 * acc['trained']['linear']:.1f}% "
+            plot(os.path.join(out, "curves.png"), losses, steps_per_epoch, acc, stds, dim)
+            print(f"{cfg['method']}: linear probe {100 * acc['trained']['linear']:.1f}% "
                   f"(random init {100 * acc['random']['linear']:.1f}%), kNN "
                   f"{100 * acc['trained']['knn']:.1f}% (random init "
-                  f"{100 * acc['random']['knn']:.1f}%), {result['seconds_per_epoch']:.1f} s/epoch")
+                  f"{100 * acc['random']['knn']:.1f}%), embedding std {stds[-1]:.4f} "
+                  f"(1/sqrt(d) = {dim ** -0.5:.4f}), "
+                  f"{result['seconds_per_epoch']:.1f} s/epoch")
         with open(os.path.join(out, "results.json"), "w") as f:
+            import json
+
             json.dump({k: v for k, v in result.items() if k != "losses"}, f, indent=2)
     ranks.close()
     return result
 
 
+def _plain(d: dict) -> dict:
+    """Only the values ``torch.load(weights_only=True)`` reads back."""
+    return {k: v for k, v in d.items() if v is None or isinstance(v, (str, int, float, bool))}
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    parser = build_parser()
+    return _cli.run_command(parser, train, parser.parse_args(argv))

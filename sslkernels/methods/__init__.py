@@ -1,4 +1,5 @@
-"""Method classes: thin modules that compose the kernels into SimCLR, MoCo v2, BYOL and SimSiam.
+"""Method classes: thin modules that compose the kernels into SimCLR, SimCLR v2, MoCo v2, BYOL
+and SimSiam.
 
 Every method exposes the same small interface::
 
@@ -9,8 +10,11 @@ Every method exposes the same small interface::
 """
 from .backbones import SmallConvNet, resnet_backbone
 from .byol import BYOL
+from .heads import head_blocks
 from .mocov2 import MoCoV2
 from .simclr import SimCLR
+from .simclrv2 import SimCLRv2, nt_xent_with_memory
 from .simsiam import SimSiam
 
-__all__ = ["SimCLR", "MoCoV2", "BYOL", "SimSiam", "resnet_backbone", "SmallConvNet"]
+__all__ = ["SimCLR", "SimCLRv2", "MoCoV2", "BYOL", "SimSiam", "resnet_backbone",
+           "SmallConvNet", "head_blocks", "nt_xent_with_memory"]

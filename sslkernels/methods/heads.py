@@ -21,3 +21,18 @@ def mlp(dims: list[int], *, batch_norm: bool = True, last_bn: bool = False,
         if not last:
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
+
+
+def head_blocks(head: nn.Sequential) -> list[nn.Sequential]:
+    """The layers of a head built by :func:`mlp` (or any Sequential): one block per Linear,
+    holding the Linear and the BatchNorm/ReLU that follow it. ``blocks[:k]`` is the head cut
+    after its k-th layer, what SimCLR v2 fine-tunes from (``k = 1``: the first projection
+    layer's output, after its BN and ReLU)."""
+    if not isinstance(head, nn.Sequential):
+        raise TypeError(f"head must be an nn.Sequential, got {type(head).__name__}")
+    blocks: list[list[nn.Module]] = []
+    for layer in head:
+        if isinstance(layer, nn.Linear) or not blocks:
+            blocks.append([])
+        blocks[-1].append(layer)
+    return [nn.Sequential(*b) for b in blocks]

@@ -25,6 +25,8 @@ class MoCoV2(nn.Module):
         backbone, feature_dim: the encoder and its output width.
         dim: embedding width (128). mlp_hidden: MLP head hidden width (default feature_dim:
             2048 for ResNet-50, as the paper).
+        head: ``"mlp"`` (MoCo v2: Linear-ReLU-Linear) or ``"linear"`` (MoCo v1's single fc,
+            the paper's ablation).
         queue_size: K (65536). momentum: m (0.999). temperature: T (0.2).
         symmetric: also use (view1 as query, view0 as key), as in MoCo v3-style training
             (off in MoCo v2).
@@ -50,10 +52,14 @@ class MoCoV2(nn.Module):
                  mlp_hidden: int | None = None, queue_size: int = 65536,
                  momentum: float = 0.999, temperature: float = 0.2, symmetric: bool = False,
                  loss_backend: str | None = None, ema_backend: str | None = None,
-                 ema_buffers: str = "skip", gather: bool = True, shuffle_bn: bool = True):
+                 ema_buffers: str = "skip", gather: bool = True, shuffle_bn: bool = True,
+                 head: str = "mlp"):
         super().__init__()
+        if head not in ("mlp", "linear"):
+            raise ValueError(f"head must be 'mlp' or 'linear', got {head!r}")
         self.backbone = backbone
-        self.projector = mlp([feature_dim, mlp_hidden or feature_dim, dim], batch_norm=False)
+        self.projector = (mlp([feature_dim, mlp_hidden or feature_dim, dim], batch_norm=False)
+                          if head == "mlp" else nn.Sequential(nn.Linear(feature_dim, dim)))
         self.key_backbone = copy.deepcopy(backbone)
         self.key_projector = copy.deepcopy(self.projector)
         for p in list(self.key_backbone.parameters()) + list(self.key_projector.parameters()):

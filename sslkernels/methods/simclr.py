@@ -18,7 +18,10 @@ class SimCLR(nn.Module):
         proj_dim: embedding width (128).
         proj_layers: 2 (SimCLR v1: Linear-ReLU-Linear) or 3 (v2: with BatchNorm).
         temperature: NT-Xent temperature (0.5 in the paper's CIFAR runs; 0.1-0.2 at large batch).
-        queue_size: SimCLR v2's memory of past embeddings used as extra negatives (0 = off).
+        queue_size: lightly's memory bank of past ``z1`` embeddings (0 = off): the loss becomes
+            the MoCo form (:class:`sslkernels.losses.NTXentLoss`), without in-batch negatives.
+            SimCLR v2's memory (an EMA network's outputs added to the in-batch negatives) is
+            :class:`sslkernels.methods.SimCLRv2`.
         loss_backend: forwarded to :func:`sslkernels.fused_info_nce` (``"reference"`` for plain
             PyTorch).
         gather_distributed: under ``torch.distributed``, every rank's embeddings are negatives
