@@ -249,18 +249,19 @@ def test_nt_xent_with_memory_matches_dense(n, d, k, t):
 def test_simclrv2_with_memory_matches_reference():
     """SimCLR v2 with the memory network: in-batch + memory negatives, the memory network an EMA
     of backbone + projector updated after each optimizer step, its outputs for both views
-    enqueued after the loss (5 steps x 16 keys wrap the 40-row memory)."""
+    enqueued after the loss (3 steps x 16 keys wrap the 24-row memory twice). More steps at this
+    learning rate make the run chaotic: rounding differences of 1e-7 grow to 1e-3 by step 5."""
     from sslkernels.methods import SimCLRv2
 
     torch.manual_seed(4)
     method = SimCLRv2(SmallConvNet(16), 16, proj_hidden=24, proj_dim=8, temperature=0.3,
-                      memory_size=40, momentum=0.8)
+                      memory_size=24, momentum=0.8)
     assert sum(isinstance(m, torch.nn.Linear) for m in method.projector) == 3
     online = torch.nn.Sequential(copy.deepcopy(method.backbone), copy.deepcopy(method.projector))
     target = copy.deepcopy(online)
     memory = method.memory.buffer.clone()
     ptr = 0
-    batches = _batches(seed=4, steps=5)
+    batches = _batches(seed=4, steps=3)
     losses = _train(method, batches)
 
     opt = _sgd(online.parameters())
