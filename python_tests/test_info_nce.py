@@ -258,7 +258,7 @@ def test_hypothesis_shapes(n, d, k, temperature, seed):
         ref.info_nce_negatives_rows(z0, z1, neg, temperature))
 
 
-_MEMORY_PROBE = textwrap.dedent("""
+_MEMORY_PROBE = textwrap.dedent(r"""
     import re, sys, torch, sslkernels
     torch.manual_seed(0)
     n, d, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]

@@ -132,6 +132,17 @@ def _load_rows(X, rows64, row_ok, offs, D, stride, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _weight_headroom(DTYPE: tl.constexpr):
+    """The factor softmax-gradient weights are scaled by before they meet a DTYPE tile: fp16
+    gets 2^8 so that weights of ~1/(2N) * 1/(2N) stay out of its subnormals (the launcher's
+    G_SCALE and this factor are undone on the fp32 accumulator)."""
+    scale = 1.0
+    if DTYPE == tl.float16:
+        scale = 256.0
+    return scale
+
+
+@triton.jit
 def _column_tile(A, a_tile, rows64, row_ok, B, cols64, col_ok, offs_v, D, stride_a, stride_b,
                  ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr, WANT_V: tl.constexpr):
@@ -229,12 +240,8 @@ def _pair_grad_kernel(Z, G, LSE, G_SCALE, DZN_PART, N, D, tiles_per_split, strid
     if ONE_CHUNK:
         a_tile = _load_rows(Z, rows64, row_ok, offs_k, D, stride_z, dt)
         offs_b = offs_k
-    # G holds g / max|g| (G_SCALE = max|g|): the weights below are at most 2, and fp16 gets a
-    # further 2^8 so that weights of ~1/(2N) * 1/(2N) stay out of its subnormals.
-    if dt == tl.float16:
-        w_scale = 256.0
-    else:
-        w_scale = 1.0
+    # G holds g / max|g| (G_SCALE = max|g|): the weights below are at most 2 before headroom.
+    w_scale = _weight_headroom(dt)
     g_i = tl.load(G + rows, mask=row_ok, other=0.0) * w_scale
     lse_i = tl.load(LSE + rows, mask=row_ok, other=0.0)
 

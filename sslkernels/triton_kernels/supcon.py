@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .info_nce import (ALIGN, DTYPES, MAX_D, ONE_CHUNK_MAX, Launch, Plan, _column_tile, _dot,
-                       _kind, _online_lse, _plan, _split_range, acc_name, check_d,
-                       padded_width, tl_dtype)
+                       _kind, _load_rows, _online_lse, _plan, _split_range, _weight_headroom,
+                       acc_name, check_d, padded_width, tl_dtype)
 
 __all__ = ["ALIGN", "DTYPES", "HALF", "MAX_D", "ONE_CHUNK_MAX", "N_STATES", "check_d",
            "padded_width", "supcon_fwd_plan", "supcon_grad_plan", "specializations",
@@ -52,8 +52,7 @@ def _supcon_fwd_kernel(Z, LAB, PART, M, D, tiles_per_split, stride_z, stride_sta
     dt = Z.dtype.element_ty
     a_tile = tl.zeros([BLOCK_M, BLOCK_K], dtype=dt)
     if ONE_CHUNK:
-        a_tile = tl.load(Z + rows64[:, None] * stride_z + offs_k[None, :],
-                         mask=row_ok[:, None] & (offs_k < D)[None, :], other=0.0)
+        a_tile = _load_rows(Z, rows64, row_ok, offs_k, D, stride_z, dt)
 
     # One running max over all of a row's other rows, and two sums against it: its positives'
     # and the rest. One exp per logit (two separate states would cost two), and the two sums
@@ -97,6 +96,18 @@ def _anchor_term(p, same, g, inv_c, only, e):
     return g * tl.where(same, pos, p)
 
 
+@triton.jit
+def _row_terms(ROW, idx, ok, stride_row):
+    """The six per-row planes of ROW (see _supcon_grad_kernel) at rows idx."""
+    g = tl.load(ROW + idx, mask=ok, other=0.0)
+    inv_c = tl.load(ROW + stride_row + idx, mask=ok, other=0.0)
+    only = tl.load(ROW + 2 * stride_row + idx, mask=ok, other=0.0)
+    e = tl.load(ROW + 3 * stride_row + idx, mask=ok, other=0.0)
+    hi = tl.load(ROW + 4 * stride_row + idx, mask=ok, other=0.0)
+    lo = tl.load(ROW + 5 * stride_row + idx, mask=ok, other=0.0)
+    return g, inv_c, only, e, hi, lo
+
+
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _supcon_grad_kernel(Z, LAB, ROW, G_SCALE, DZN_PART, M, D, tiles_per_split, stride_z,
                         stride_row, stride_part, inv_t: "fp64",
@@ -117,21 +128,12 @@ def _supcon_grad_kernel(Z, LAB, ROW, G_SCALE, DZN_PART, M, D, tiles_per_split, s
     a_tile = tl.zeros([BLOCK_M, BLOCK_K], dtype=dt)
     offs_b = offs_v
     if ONE_CHUNK:
-        a_tile = tl.load(Z + rows64[:, None] * stride_z + offs_k[None, :],
-                         mask=row_ok[:, None] & (offs_k < D)[None, :], other=0.0)
+        a_tile = _load_rows(Z, rows64, row_ok, offs_k, D, stride_z, dt)
         offs_b = offs_k
-    # fp16 weights get 2^8 of headroom against its subnormals (see _pair_grad_kernel).
-    if dt == tl.float16:
-        w_scale = 256.0
-    else:
-        w_scale = 1.0
+    w_scale = _weight_headroom(dt)
     lab_i = tl.load(LAB + rows, mask=row_ok, other=-1)
-    g_i = tl.load(ROW + rows, mask=row_ok, other=0.0) * w_scale
-    ic_i = tl.load(ROW + stride_row + rows, mask=row_ok, other=0.0)
-    only_i = tl.load(ROW + 2 * stride_row + rows, mask=row_ok, other=0.0)
-    e_i = tl.load(ROW + 3 * stride_row + rows, mask=row_ok, other=0.0)
-    hi_i = tl.load(ROW + 4 * stride_row + rows, mask=row_ok, other=0.0)
-    lo_i = tl.load(ROW + 5 * stride_row + rows, mask=row_ok, other=0.0)
+    g_i, ic_i, only_i, e_i, hi_i, lo_i = _row_terms(ROW, rows, row_ok, stride_row)
+    g_i = g_i * w_scale
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     n_lo, n_hi = _split_range(tl.program_id(2), tiles_per_split, M, BLOCK_N)
@@ -145,12 +147,8 @@ def _supcon_grad_kernel(Z, LAB, ROW, G_SCALE, DZN_PART, M, D, tiles_per_split, s
         s = tl.where(valid, s * inv_t, float("-inf"))
         lab_j = tl.load(LAB + cols, mask=col_ok, other=-1)
         same = valid & (lab_j[None, :] == lab_i[:, None])
-        g_j = tl.load(ROW + cols, mask=col_ok, other=0.0) * w_scale
-        ic_j = tl.load(ROW + stride_row + cols, mask=col_ok, other=0.0)
-        only_j = tl.load(ROW + 2 * stride_row + cols, mask=col_ok, other=0.0)
-        e_j = tl.load(ROW + 3 * stride_row + cols, mask=col_ok, other=0.0)
-        hi_j = tl.load(ROW + 4 * stride_row + cols, mask=col_ok, other=0.0)
-        lo_j = tl.load(ROW + 5 * stride_row + cols, mask=col_ok, other=0.0)
+        g_j, ic_j, only_j, e_j, hi_j, lo_j = _row_terms(ROW, cols, col_ok, stride_row)
+        g_j = g_j * w_scale
         # Softmax weights of row i (P_ij) and of row j (P_ji = the same logit against lse_j);
         # masked logits give exactly 0.
         p_ij = tl.exp((s - hi_i[:, None]) - lo_i[:, None])
