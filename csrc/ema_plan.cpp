@@ -14,6 +14,7 @@
 // The plan holds no reference to any tensor or container (the Python object passes them in),
 // so the garbage collector sees every reference, and torch.utils.swap_tensors (module.to()
 // under swap_module_params_on_conversion) still finds each tensor referenced once.
+#include <ATen/core/grad_mode.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/autograd/python_variable.h>
 
