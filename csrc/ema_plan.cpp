@@ -147,16 +147,14 @@ class Plan {
         !tensors_unchanged(tensors.ptr()))
       return false;
     PyObject* const* items = &PyTuple_GET_ITEM(tensors.ptr(), 0);
-    // As the op's ADInplaceOrView kernel: autograd sees that the targets were written. Bumped
-    // now, while the checks have just brought the targets' metadata into cache (after the
-    // kernel's pass over the data it is not); nothing can observe the versions in between.
-    for (size_t i = 0; i < n_lerp_; ++i)
-      THPVariable_Unpack(items[i]).unsafeGetTensorImpl()->bump_version();
     at::NoGradGuard no_grad;  // the strided pairs and the copies go through ATen
     {
       py::gil_scoped_release no_gil;  // the objects stay alive: the caller holds `tensors`
       run(items, weight);
     }
+    // As the op's ADInplaceOrView kernel: autograd sees that the targets were written.
+    for (size_t i = 0; i < n_lerp_; ++i)
+      THPVariable_Unpack(items[i]).unsafeGetTensorImpl()->bump_version();
     if (n_copy_) {
       std::vector<at::Tensor> ct, co;
       for (size_t i = 0; i < n_copy_; ++i) {
