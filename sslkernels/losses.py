@@ -18,7 +18,7 @@ from torch import nn
 
 from . import _validate
 from .info_nce import fused_info_nce
-from .supcon import fused_supcon
+from .supcon import fused_supcon, view_labels
 from .queue import NegativeQueue
 
 
@@ -104,9 +104,7 @@ class NTXentLoss(nn.Module):
         self.temperature = _validate.positive("temperature", temperature)
         if self.temperature < 1e-8:  # lightly's bound: the logits would overflow
             raise ValueError(f"temperature must be >= 1e-8, got {temperature}")
-        if gather_distributed and not torch.distributed.is_available():
-            raise ValueError("gather_distributed=True needs torch.distributed, which this torch "
-                             "build does not have; pass gather_distributed=False")
+        _check_gather(gather_distributed)
         self.memory_bank_size = size
         self.gather_distributed = bool(gather_distributed)
         self.backend = backend
@@ -137,6 +135,13 @@ class NTXentLoss(nn.Module):
         if out0.requires_grad:
             self.bank.enqueue(k.detach(), gather=self.gather_distributed)
         return _mean(rows)
+
+
+def _check_gather(gather_distributed: bool) -> None:
+    # At construction, as lightly: a loss that cannot gather should not wait for forward to say so.
+    if gather_distributed and not torch.distributed.is_available():
+        raise ValueError("gather_distributed=True needs torch.distributed, which this torch "
+                         "build does not have; pass gather_distributed=False")
 
 
 def _mean(rows: torch.Tensor) -> torch.Tensor:
@@ -208,9 +213,7 @@ class SupConLoss(nn.Module):
         self.normalize = bool(normalize)
         self.reduction = _validate.choice("reduction", reduction, ("mean", "sum", "none"))
         self.backend = backend
-        if gather_distributed and not torch.distributed.is_available():
-            raise ValueError("gather_distributed=True needs torch.distributed, which this torch "
-                             "build does not have; pass gather_distributed=False")
+        _check_gather(gather_distributed)
         self.gather_distributed = bool(gather_distributed)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -219,12 +222,13 @@ class SupConLoss(nn.Module):
             b, v = features.shape[:2]
             z = features.reshape(b, v, -1).transpose(0, 1).reshape(v * b, -1)
             if labels is None:
-                labels = torch.arange(b, device=features.device)
+                labels = view_labels(b, v, features.device)
             elif not isinstance(labels, torch.Tensor) or labels.shape != (b,):
                 raise ValueError(f"labels must be a (B,) = ({b},) tensor for features of shape "
                                  f"{tuple(features.shape)}, got "
                                  f"{getattr(labels, 'shape', type(labels).__name__)}")
-            labels = labels.repeat(v)
+            else:
+                labels = labels.repeat(v)
         elif features.dim() == 2:
             if labels is None:
                 raise ValueError("features (M, D) need labels (M,); pass (B, V, D) features "

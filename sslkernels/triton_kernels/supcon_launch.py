@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..supcon import _positive_counts
 from . import supcon as K
 from .info_nce_launch import (_acc, _dot_operand, _interpreting, _launch, _name, _on_device,
                               _splits, _unit_rows, _unit_rows_backward_)
@@ -87,9 +88,7 @@ def supcon_bwd(grad_loss: torch.Tensor, z: torch.Tensor, labels: torch.Tensor,
         zn, norm = _unit_rows([z], normalize, acc)
         zd = _dot_operand(zn, z.dtype)
         # Per-row terms (csrc/supcon.h row_grad): counts from the labels, as the CPU kernel.
-        srt = torch.sort(labels).values
-        count = (torch.searchsorted(srt, labels, right=True) - torch.searchsorted(srt, labels)
-                 - 1).to(acc)
+        count = _positive_counts(labels, labels).to(acc)
         has = count > 0
         g = torch.where(has, grad_loss.to(acc), torch.zeros((), dtype=acc, device=z.device))
         g_max = g.abs().amax()
