@@ -290,10 +290,6 @@ def lr_schedule(optimizer, warmup_steps: int, total_steps: int, schedule: str = 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
-def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
-    return lr_schedule(optimizer, warmup_steps, total_steps, "cosine")
-
-
 def _view_transform(c: A.ViewConfig):
     """torchvision v2 equivalent of one view's config, applied image by image."""
     from torchvision.transforms import v2
