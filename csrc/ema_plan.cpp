@@ -14,10 +14,12 @@
 // The plan holds no reference to any tensor or container (the Python object passes them in),
 // so the garbage collector sees every reference, and torch.utils.swap_tensors (module.to()
 // under swap_module_params_on_conversion) still finds each tensor referenced once.
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <atomic>
 #include <vector>
 
 #include "ema.h"
@@ -95,6 +97,7 @@ std::vector<at::Tensor> unpack(const py::handle& seq, const char* what) {
 }
 
 constexpr size_t kAhead = 8;  // tensors between the prefetch stages of a step's checks
+constexpr int64_t kCheckGrain = 512;  // tensors below which a CPU step checks on one thread
 
 class Plan {
  public:
@@ -144,10 +147,11 @@ class Plan {
     TORCH_CHECK_VALUE(std::isfinite(weight) && weight >= 0.0 && weight <= 1.0,
                       "weight (1 - momentum) must be in [0, 1], got ", weight);
     if (!containers_unchanged(containers.ptr(), expected.ptr()) ||
-        !tensors_unchanged(tensors.ptr()))
+        PyTuple_GET_SIZE(tensors.ptr()) != static_cast<Py_ssize_t>(facts_.size()))
       return false;
     PyObject* const* items = &PyTuple_GET_ITEM(tensors.ptr(), 0);
     at::NoGradGuard no_grad;  // the strided pairs and the copies go through ATen
+    if (!tensors_unchanged(items)) return false;
     {
       py::gil_scoped_release no_gil;  // the objects stay alive: the caller holds `tensors`
       run(items, weight);
@@ -202,20 +206,19 @@ class Plan {
     return true;
   }
 
-  // Each tensor's facts, re-read from the live object.
-  bool tensors_unchanged(PyObject* tensors) const {
-    if (PyTuple_GET_SIZE(tensors) != static_cast<Py_ssize_t>(facts_.size())) return false;
-    PyObject* const* items = &PyTuple_GET_ITEM(tensors, 0);
-    const size_t n = facts_.size();
+  // The facts of tensors [lo, hi), re-read from the live objects. Reads the Python objects
+  // without touching their reference counts, so any thread may run it while the caller holds
+  // the GIL.
+  bool tensors_unchanged(PyObject* const* items, size_t lo, size_t hi) const {
     std::pair<const c10::StorageImpl*, const void*> last{nullptr, nullptr};
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i = lo; i < hi; ++i) {
       // The metadata of thousands of tensors is rarely in cache after a pass over their data:
       // fetch each level (Python object, TensorImpl, StorageImpl and autograd metadata) a few
       // tensors before it is read, which hides most of the misses.
-      if (i + 3 * kAhead < n) __builtin_prefetch(items[i + 3 * kAhead]);
-      if (i + 2 * kAhead < n && THPVariable_CheckExact(items[i + 2 * kAhead]))
+      if (i + 3 * kAhead < hi) __builtin_prefetch(items[i + 3 * kAhead]);
+      if (i + 2 * kAhead < hi && THPVariable_CheckExact(items[i + 2 * kAhead]))
         prefetch_impl(THPVariable_Unpack(items[i + 2 * kAhead]));
-      if (i + kAhead < n && THPVariable_CheckExact(items[i + kAhead])) {
+      if (i + kAhead < hi && THPVariable_CheckExact(items[i + kAhead])) {
         const c10::TensorImpl* impl = THPVariable_Unpack(items[i + kAhead]).unsafeGetTensorImpl();
         const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
         if (storage != last.first) __builtin_prefetch(storage);
@@ -229,6 +232,18 @@ class Plan {
         return false;
     }
     return true;
+  }
+
+  // Every tensor's facts. Thousands of tensors are split over the threads as the CPU kernel
+  // splits its elements, in contiguous blocks, so each thread meets the same tensors'
+  // metadata every step, in its own cache. The caller's thread holds the GIL, so no Python
+  // thread changes the objects while they are read.
+  bool tensors_unchanged(PyObject* const* items) const {
+    std::atomic<bool> stale{false};
+    at::parallel_for(0, facts_.size(), kCheckGrain, [&](int64_t lo, int64_t hi) {
+      if (!tensors_unchanged(items, lo, hi)) stale.store(true, std::memory_order_relaxed);
+    });
+    return !stale.load();
   }
 
   void run(PyObject* const* items, double weight) const {

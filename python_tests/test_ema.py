@@ -298,6 +298,30 @@ def test_list_sees_replaced_elements():
         ema.update()
 
 
+@pytest.mark.parametrize("where", [0, 1100, 2399])
+def test_long_list_change_seen_by_split_checks(where):
+    """Lists long enough that a step splits its checks over the threads: a change in any block
+    is seen (a tensor re-homed is the one updated; a target turned trainable is rejected with
+    nothing written)."""
+    g = torch.Generator().manual_seed(where)
+    t = [torch.randn(5, generator=g) for _ in range(1200)]
+    o = [torch.randn(5, generator=g) for _ in range(1200)]
+    ema = EMA(t, o, 0.5)
+    ema.update()
+    k = where % 1200
+    side = t if where < 1200 else o
+    side[k].data = side[k].clone()  # same object, same values, new storage
+    twin = [x.clone() for x in t]
+    torch._foreach_lerp_(twin, o, 0.5)
+    ema.update()
+    assert all(bits_equal(a, b) for a, b in zip(t, twin))
+    t[k].requires_grad_(True)
+    before = snapshot(t, o)
+    with pytest.raises(ValueError, match=rf"target\[{k}\].*requires_grad=False"):
+        ema.update()
+    assert_unchanged(before, t, o)
+
+
 def test_default_momentum_and_state_dict():
     t, o = [torch.zeros(4)], [torch.ones(4)]
     ema = EMA(t, o, 0.75)
