@@ -182,7 +182,7 @@ class Plan {
     for (Py_ssize_t k = 0; k < n; ++k) {
       // as for the tensors: the container objects, then their tables, ahead of use
       if (k + 2 * ahead < n) __builtin_prefetch(PyTuple_GET_ITEM(containers, k + 2 * ahead));
-      if (k + ahead < n) {
+      if (k + ahead < n && sizes_[k + ahead] > 0) {
         PyObject* next = PyTuple_GET_ITEM(containers, k + ahead);
         const char* table = PyDict_Check(next)
             ? reinterpret_cast<const char*>(reinterpret_cast<PyDictObject*>(next)->ma_keys)
@@ -193,6 +193,9 @@ class Plan {
       PyObject* c = PyTuple_GET_ITEM(containers, k);
       if (PyDict_Check(c)) {
         if (PyDict_GET_SIZE(c) != sizes_[k]) return false;
+        // Most dicts of a module tree are empty (a leaf's submodules, a Linear's buffers): for
+        // them the size is the whole check, and their tables are not read.
+        if (sizes_[k] == 0) continue;
         Py_ssize_t pos = 0;
         PyObject *key, *value;
         while (PyDict_Next(c, &pos, &key, &value))

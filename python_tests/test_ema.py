@@ -375,8 +375,17 @@ def _swap_double(target, online):
         torch.__future__.set_swap_module_params_on_conversion(old)
 
 
+def _add_to_leaf(target, online):
+    """A leaf's empty buffer and submodule dicts gain entries (the step checks their size
+    alone)."""
+    for net, v in ((target, 0.0), (online, 1.0)):
+        net.fc.register_buffer("extra", torch.full((3,), v))
+        net.fc.head = nn.Linear(2, 2)
+    target.fc.head.requires_grad_(False)
+
+
 CHANGES = [_replace_param, _replace_submodule, _reassign_data, _channels_last, _double,
-           _replace_buffer, _swap_double]
+           _replace_buffer, _swap_double, _add_to_leaf]
 
 
 @pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.lstrip("_"))
