@@ -97,7 +97,7 @@ std::vector<at::Tensor> unpack(const py::handle& seq, const char* what) {
 }
 
 constexpr size_t kAhead = 8;  // tensors between the prefetch stages of a step's checks
-constexpr int64_t kCheckGrain = 512;  // tensors below which a CPU step checks on one thread
+constexpr int64_t kCheckGrain = 512;  // tensors below which a step checks on one thread
 
 class Plan {
  public:
