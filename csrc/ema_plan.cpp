@@ -97,7 +97,7 @@ std::vector<at::Tensor> unpack(const py::handle& seq, const char* what) {
 }
 
 constexpr size_t kAhead = 8;  // tensors between the prefetch stages of a step's checks
-constexpr int64_t kCheckGrain = 512;  // tensors below which a step checks on one thread
+constexpr int64_t kCheckGrain = 512;  // objects below which a step checks on one thread
 
 class Plan {
  public:
@@ -110,6 +110,7 @@ class Plan {
       TORCH_CHECK_TYPE(PyDict_Check(c.ptr()) || PyList_Check(c.ptr()),
                        "EmaPlan: a container must be a dict or a list");
       sizes_.push_back(py::len(c));
+      starts_.push_back(total_);
       total_ += sizes_.back();
     }
     const std::vector<at::Tensor> lt = unpack(target, "target");
@@ -141,24 +142,25 @@ class Plan {
   // copy_target + copy_online of the tensors the plan was built from; `containers` are the
   // dicts and lists given at build time, which must still hold exactly the objects of
   // `expected` (their values then, end to end), in order. Returns false, having written
-  // nothing, when a container or a tensor's facts changed.
+  // nothing (some targets' versions may have been bumped), when a container or a tensor's
+  // facts changed.
   bool step(const py::tuple& tensors, const py::tuple& containers, const py::tuple& expected,
             double weight) {
     TORCH_CHECK_VALUE(std::isfinite(weight) && weight >= 0.0 && weight <= 1.0,
                       "weight (1 - momentum) must be in [0, 1], got ", weight);
-    if (!containers_unchanged(containers.ptr(), expected.ptr()) ||
+    if (PyTuple_GET_SIZE(containers.ptr()) != static_cast<Py_ssize_t>(sizes_.size()) ||
+        PyTuple_GET_SIZE(expected.ptr()) != total_ ||
         PyTuple_GET_SIZE(tensors.ptr()) != static_cast<Py_ssize_t>(facts_.size()))
       return false;
     PyObject* const* items = &PyTuple_GET_ITEM(tensors.ptr(), 0);
     at::NoGradGuard no_grad;  // the strided pairs and the copies go through ATen
-    if (!tensors_unchanged(items)) return false;
+    if (!unchanged(&PyTuple_GET_ITEM(containers.ptr(), 0), &PyTuple_GET_ITEM(expected.ptr(), 0),
+                   items))
+      return false;
     {
       py::gil_scoped_release no_gil;  // the objects stay alive: the caller holds `tensors`
       run(items, weight);
     }
-    // As the op's ADInplaceOrView kernel: autograd sees that the targets were written.
-    for (size_t i = 0; i < n_lerp_; ++i)
-      THPVariable_Unpack(items[i]).unsafeGetTensorImpl()->bump_version();
     if (n_copy_) {
       std::vector<at::Tensor> ct, co;
       for (size_t i = 0; i < n_copy_; ++i) {
@@ -173,24 +175,23 @@ class Plan {
   size_t num_pairs() const { return checked_.pairs.size() + checked_.strided.size(); }
 
  private:
-  bool containers_unchanged(PyObject* containers, PyObject* expected) const {
-    const Py_ssize_t n = PyTuple_GET_SIZE(containers);
-    if (n != static_cast<Py_ssize_t>(sizes_.size()) || PyTuple_GET_SIZE(expected) != total_)
-      return false;
-    PyObject* const* want = &PyTuple_GET_ITEM(expected, 0);
-    const Py_ssize_t ahead = kAhead;
-    for (Py_ssize_t k = 0; k < n; ++k) {
+  // Containers [lo, hi): each still holds exactly the objects of `want`, from its start.
+  bool containers_unchanged(PyObject* const* containers, PyObject* const* want, size_t lo,
+                            size_t hi) const {
+    if (lo >= hi) return true;
+    want += starts_[lo];
+    for (size_t k = lo; k < hi; ++k) {
       // as for the tensors: the container objects, then their tables, ahead of use
-      if (k + 2 * ahead < n) __builtin_prefetch(PyTuple_GET_ITEM(containers, k + 2 * ahead));
-      if (k + ahead < n && sizes_[k + ahead] > 0) {
-        PyObject* next = PyTuple_GET_ITEM(containers, k + ahead);
+      if (k + 2 * kAhead < hi) __builtin_prefetch(containers[k + 2 * kAhead]);
+      if (k + kAhead < hi && sizes_[k + kAhead] > 0) {
+        PyObject* next = containers[k + kAhead];
         const char* table = PyDict_Check(next)
             ? reinterpret_cast<const char*>(reinterpret_cast<PyDictObject*>(next)->ma_keys)
             : reinterpret_cast<const char*>(reinterpret_cast<PyListObject*>(next)->ob_item);
         __builtin_prefetch(table);
         __builtin_prefetch(table + 64);
       }
-      PyObject* c = PyTuple_GET_ITEM(containers, k);
+      PyObject* c = containers[k];
       if (PyDict_Check(c)) {
         if (PyDict_GET_SIZE(c) != sizes_[k]) return false;
         // Most dicts of a module tree are empty (a leaf's submodules, a Linear's buffers): for
@@ -209,9 +210,10 @@ class Plan {
     return true;
   }
 
-  // The facts of tensors [lo, hi), re-read from the live objects. Reads the Python objects
-  // without touching their reference counts, so any thread may run it while the caller holds
-  // the GIL.
+  // The facts of tensors [lo, hi), re-read from the live objects; each averaged target that
+  // passes has its version bumped (as the op's ADInplaceOrView kernel does), here rather than
+  // after the kernel because its metadata is in cache now. A step refused later has bumped
+  // versions and written nothing, which autograd cannot tell from a write of the same values.
   bool tensors_unchanged(PyObject* const* items, size_t lo, size_t hi) const {
     std::pair<const c10::StorageImpl*, const void*> last{nullptr, nullptr};
     for (size_t i = lo; i < hi; ++i) {
@@ -229,22 +231,30 @@ class Plan {
           __builtin_prefetch(impl->autograd_meta());
       }
       // swap_tensors swaps __class__ too
-      if (!THPVariable_CheckExact(items[i]) ||
-          !same(THPVariable_Unpack(items[i]).unsafeGetTensorImpl(), facts_[i],
-                shapes_.data() + facts_[i].shape, last))
-        return false;
+      if (!THPVariable_CheckExact(items[i])) return false;
+      c10::TensorImpl* impl = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
+      if (!same(impl, facts_[i], shapes_.data() + facts_[i].shape, last)) return false;
+      if (i < n_lerp_) impl->bump_version();
     }
     return true;
   }
 
-  // Every tensor's facts. Thousands of tensors are split over the threads as the CPU kernel
-  // splits its elements, in contiguous blocks, so each thread meets the same tensors'
-  // metadata every step, in its own cache. The caller's thread holds the GIL, so no Python
-  // thread changes the objects while they are read.
-  bool tensors_unchanged(PyObject* const* items) const {
+  // Every container and every tensor, in one pass split over the threads: each thread takes
+  // the same share of the containers and of the tensors (contiguous blocks, as the CPU kernel
+  // splits its elements), so the two kinds of check, which differ in cost, stay balanced, and
+  // each thread meets the same objects every step, in its own cache. The caller's thread
+  // holds the GIL, so no Python thread changes them while they are read (the reads touch no
+  // reference count).
+  bool unchanged(PyObject* const* containers, PyObject* const* expected,
+                 PyObject* const* items) const {
+    const int64_t nc = sizes_.size(), nt = facts_.size(), n = std::max(nc, nt);
     std::atomic<bool> stale{false};
-    at::parallel_for(0, facts_.size(), kCheckGrain, [&](int64_t lo, int64_t hi) {
-      if (!tensors_unchanged(items, lo, hi)) stale.store(true, std::memory_order_relaxed);
+    at::parallel_for(0, n, kCheckGrain, [&](int64_t lo, int64_t hi) {
+      const size_t c_lo = lo * nc / n, c_hi = hi * nc / n;
+      const size_t t_lo = lo * nt / n, t_hi = hi * nt / n;
+      if (!containers_unchanged(containers, expected, c_lo, c_hi) ||
+          !tensors_unchanged(items, t_lo, t_hi))
+        stale.store(true, std::memory_order_relaxed);
     });
     return !stale.load();
   }
@@ -269,6 +279,7 @@ class Plan {
   std::vector<Facts> facts_;
   std::vector<int64_t> shapes_;
   std::vector<Py_ssize_t> sizes_;  // of each container at build time
+  std::vector<Py_ssize_t> starts_;  // where each one's objects start in `expected`
   Py_ssize_t total_ = 0;           // their sum
   size_t n_lerp_ = 0, n_copy_ = 0;
 };

@@ -322,6 +322,41 @@ def test_long_list_change_seen_by_split_checks(where):
     assert_unchanged(before, t, o)
 
 
+@pytest.mark.parametrize("where", ["first target", "last online"])
+def test_big_module_tree_change_seen_by_split_checks(where):
+    """A module tree with thousands of dicts, whose checks a step splits over the threads
+    (a share of the dicts and of the tensors each): a parameter replaced in either end's
+    share is the one averaged next, though every tensor the plan holds is unchanged."""
+    torch.manual_seed(0)
+    online = nn.Sequential(*[nn.Linear(2, 2) for _ in range(700)])
+    target = copy.deepcopy(online).requires_grad_(False)
+    ema = EMA(target, online, 0.5)
+    ema.update()
+    if where == "first target":
+        target[0].weight = nn.Parameter(torch.randn(2, 2), requires_grad=False)
+    else:
+        online[-1].weight = nn.Parameter(torch.randn(2, 2))
+    twin = [p.detach().clone() for p in target.parameters()]
+    torch._foreach_lerp_(twin, [p.detach() for p in online.parameters()], 0.5)
+    ema.update()
+    assert all(bits_equal(a, b) for a, b in zip(target.parameters(), twin))
+
+
+@pytest.mark.parametrize("tdt,odt", COMBOS, ids=lambda d: str(d).split(".")[-1])
+def test_bitwise_around_prefetched_range(tdt, odt):
+    """Tensors on both sides of the CPU kernel's 64 KB limit for software prefetch, and ones
+    split over the threads into ranges on either side of it."""
+    g = torch.Generator().manual_seed(3)
+    limit = 65536 // torch.empty((), dtype=tdt).element_size()
+    shapes = [(limit - 1,), (limit,), (limit + 1,), (2 * limit + 7,), (5 * limit + 3,), (100,)]
+    tp = [torch.randn(s, generator=g).to(tdt) for s in shapes]
+    op = [torch.randn(s, generator=g).to(odt) for s in shapes]
+    expect = [t.clone() for t in tp]
+    torch._foreach_lerp_(expect, [o.to(tdt) for o in op], 1.0 - 0.9)
+    EMA(tp, op, 0.9).update()
+    assert all(bits_equal(a, b) for a, b in zip(tp, expect))
+
+
 def test_default_momentum_and_state_dict():
     t, o = [torch.zeros(4)], [torch.ones(4)]
     ema = EMA(t, o, 0.75)
