@@ -441,3 +441,34 @@ def test_method_ema_survives_to(name):
     for (n, u), v in zip(target.named_parameters(), twin.parameters()):
         assert u.dtype == torch.float64 and torch.equal(u, v), n
     assert target.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["mocov2", "byol", "simclrv2"])
+@pytest.mark.parametrize("first", ["prepared", "rebuilt"])
+def test_ema_hook_in_grad_mode_records_no_history(name, first):
+    """The EMA hooks run in grad mode (no torch.no_grad() around them): the targets get the
+    foreach values, stay requires_grad=False leaves without grad_fn, and backward through the
+    online network afterwards is unaffected; also on the step that rebuilds the plan."""
+    method = _small(name)
+    target = getattr(method, {"mocov2": "key_backbone", "byol": "target_backbone",
+                              "simclrv2": "memory_backbone"}[name])
+    if first == "rebuilt":
+        method.to(torch.float64)
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(0.5)
+    twin = [p.detach().clone() for p in target.parameters()]
+    assert torch.is_grad_enabled()
+    if name == "mocov2":
+        m = method.momentum
+        method.momentum_update()
+    else:
+        method.after_optimizer_step(1, 4)
+        m = method.current_momentum if name == "byol" else method.momentum
+    torch._foreach_lerp_(twin, [p.detach() for p in method.backbone.parameters()], 1.0 - m)
+    for p, q in zip(target.parameters(), twin):
+        assert p.grad_fn is None and not p.requires_grad and p.is_leaf
+        assert torch.equal(p, q)
+    x = torch.randn(2, 3, 16, 16, dtype=next(method.backbone.parameters()).dtype)
+    method.backbone(x).sum().backward()
+    assert all(p.grad is not None for p in method.backbone.parameters())

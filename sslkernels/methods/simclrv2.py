@@ -133,7 +133,7 @@ class SimCLRv2(nn.Module):
         self.memory.enqueue(keys, gather=self.gather_distributed)
         return loss
 
-    @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        # no torch.no_grad() needed (as BYOL's): EMA.update records no history in any mode
         if self.memory_size:
             self.ema.update(self.momentum)
