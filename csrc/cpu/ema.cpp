@@ -93,14 +93,15 @@ struct Weights {
 // kAheadBytes ahead of each vector step, in both tensors. It may run past the range's end,
 // into what the allocator placed next (often the next pair); a prefetch never faults. Longer
 // ranges are left to the hardware, which the extra instructions only slow down.
-constexpr uintptr_t kAheadBytes = 2048;
+constexpr int64_t kAheadBytes = 2048;
 constexpr int64_t kPrefetchedRangeBytes = 65536;
 
 template <int kWrite>
 void prefetch_ahead(const void* p) {
   // integer arithmetic: the address may lie past the tensor
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + kAheadBytes),
-                     kWrite);
+  __builtin_prefetch(
+      reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + uintptr_t{kAheadBytes}),
+      kWrite);
 }
 
 // step(k) for k = 0, kStep, 2 kStep, ... while a whole step fits in [0, n); returns the first
@@ -169,14 +170,13 @@ void run(const Pair& s, int64_t lo, int64_t hi, const Weights& w) {
 
 // The hardware prefetcher follows the stream of one tensor but not the jump to the next
 // allocation, so a list of small tensors pays a memory latency per pair: fetch the first lines
-// of the next pair while this one streams (a whole small tensor, as much as is useful of a big
-// one).
+// of the next pair while this one streams (a whole small tensor, as far as the in-range
+// prefetch runs ahead of a big one).
 void prefetch_start(const Pair& p) {
-  constexpr int64_t kBytes = 2048;
   const char* t = static_cast<const char*>(p.t);
   const char* o = static_cast<const char*>(p.o);
-  const int64_t tb = std::min(kBytes, p.n * target_size(p.kind));
-  const int64_t ob = std::min(kBytes, p.n * online_size(p.kind));
+  const int64_t tb = std::min(kAheadBytes, p.n * target_size(p.kind));
+  const int64_t ob = std::min(kAheadBytes, p.n * online_size(p.kind));
   for (int64_t b = 0; b < tb; b += 64) __builtin_prefetch(t + b, 1);
   for (int64_t b = 0; b < ob; b += 64) __builtin_prefetch(o + b, 0);
 }
