@@ -22,6 +22,7 @@
 #include <atomic>
 #include <vector>
 
+#include "balanced_for.h"
 #include "ema.h"
 
 namespace py = pybind11;
@@ -98,6 +99,7 @@ std::vector<at::Tensor> unpack(const py::handle& seq, const char* what) {
 
 constexpr size_t kAhead = 8;  // tensors between the prefetch stages of a step's checks
 constexpr int64_t kCheckGrain = 512;  // objects below which a step checks on one thread
+constexpr int64_t kCheckChunk = 256;  // objects a thread claims at a time (balanced_for)
 
 class Plan {
  public:
@@ -242,14 +244,16 @@ class Plan {
   // Every container and every tensor, in one pass split over the threads: each thread takes
   // the same share of the containers and of the tensors (contiguous blocks, as the CPU kernel
   // splits its elements), so the two kinds of check, which differ in cost, stay balanced, and
-  // each thread meets the same objects every step, in its own cache. The caller's thread
+  // each thread meets the same objects every step, in its own cache; a thread that falls
+  // behind has the end of its share taken over (balanced_for). The caller's thread
   // holds the GIL, so no Python thread changes them while they are read (the reads touch no
   // reference count).
   bool unchanged(PyObject* const* containers, PyObject* const* expected,
                  PyObject* const* items) const {
     const int64_t nc = sizes_.size(), nt = facts_.size(), n = std::max(nc, nt);
     std::atomic<bool> stale{false};
-    at::parallel_for(0, n, kCheckGrain, [&](int64_t lo, int64_t hi) {
+    balanced_for(n, kCheckChunk, kCheckGrain, [&](int64_t lo, int64_t hi) {
+      if (stale.load(std::memory_order_relaxed)) return;
       const size_t c_lo = lo * nc / n, c_hi = hi * nc / n;
       const size_t t_lo = lo * nt / n, t_hi = hi * nt / n;
       if (!containers_unchanged(containers, expected, c_lo, c_hi) ||

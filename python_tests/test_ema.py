@@ -345,7 +345,7 @@ def test_big_module_tree_change_seen_by_split_checks(where):
 @pytest.mark.parametrize("tdt,odt", COMBOS, ids=lambda d: str(d).split(".")[-1])
 def test_bitwise_around_prefetched_range(tdt, odt):
     """Tensors on both sides of the CPU kernel's 64 KB limit for software prefetch, and ones
-    split over the threads into ranges on either side of it."""
+    split into chunks on either side of it."""
     g = torch.Generator().manual_seed(3)
     limit = 65536 // torch.empty((), dtype=tdt).element_size()
     shapes = [(limit - 1,), (limit,), (limit + 1,), (2 * limit + 7,), (5 * limit + 3,), (100,)]
@@ -355,6 +355,36 @@ def test_bitwise_around_prefetched_range(tdt, odt):
     torch._foreach_lerp_(expect, [o.to(tdt) for o in op], 1.0 - 0.9)
     EMA(tp, op, 0.9).update()
     assert all(bits_equal(a, b) for a, b in zip(tp, expect))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_bitwise_when_threads_take_over_chunks(threads):
+    """Lists of many of the CPU kernel's 65536-element chunks, with pairs across chunk ends, and
+    module trees of many check chunks, on up to more threads than this machine has cores: a
+    descheduled thread's chunks are taken over by another (balanced_for), and every element is
+    still written exactly once, as foreach writes it (a chunk run twice or skipped would show in
+    the bits after three steps)."""
+    g = torch.Generator().manual_seed(5)
+    sizes = torch.randint(1, 30000, (120,), generator=g).tolist()
+    tp = [torch.randn(n, generator=g) for n in sizes]
+    op = [torch.randn(n, generator=g) for n in sizes]
+    online = nn.Sequential(*[nn.Linear(3, 3) for _ in range(400)])
+    target = copy.deepcopy(online).requires_grad_(False)
+    twins = [[t.clone() for t in tp], [p.detach().clone() for p in target.parameters()]]
+    onlines = [op, [p.detach() for p in online.parameters()]]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lists, module = EMA(tp, op, 0.9), EMA(target, online, 0.9)
+        for _ in range(3):
+            lists.update()
+            module.update()
+            for twin, o in zip(twins, onlines):
+                torch._foreach_lerp_(twin, o, 1.0 - 0.9)
+    finally:
+        torch.set_num_threads(before)
+    assert all(bits_equal(a, b) for a, b in zip(tp, twins[0]))
+    assert all(bits_equal(a, b) for a, b in zip(target.parameters(), twins[1]))
 
 
 def test_default_momentum_and_state_dict():

@@ -1,12 +1,13 @@
 // CPU kernel of the in-place EMA op: one call updates the whole tensor list.
 //
 // The elements of all (streamable) pairs are laid end to end in one index space and
-// at::parallel_for splits that space into equal ranges, so the work is spread over the threads
-// whatever the mix of tensor sizes (2000 tensors of 512 elements, or ResNet-50's 161 tensors of
-// 64 to 2.4M elements). Each thread walks its range tensor by tensor with an
-// at::vec::Vectorized body and a scalar tail, both evaluating sslk::ema::lerp (ema_math.h).
+// balanced_for splits that space into equal shares of fixed-size chunks, so the work is spread
+// over the threads whatever the mix of tensor sizes (2000 tensors of 512 elements, or
+// ResNet-50's 161 tensors of 64 to 2.4M elements), and a thread that falls behind has its last
+// chunks taken over. Each chunk is walked tensor by tensor with an at::vec::Vectorized body and
+// a scalar tail, both evaluating sslk::ema::lerp (ema_math.h).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <ATen/Parallel.h>  // GRAIN_SIZE
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "balanced_for.h"
 #include "ema.h"
 #include "ema_math.h"
 
@@ -88,13 +90,17 @@ struct Weights {
   LerpWeight<DVec> dv;
 };
 
-// The hardware prefetcher ramps up anew at every 4 KB page, which a range of a few pages
-// never amortizes (the 16 KB weights of small Linear layers): such a range also prefetches
+// The hardware prefetcher ramps up anew at every 4 KB page, which a tensor of a few pages
+// never amortizes (the 16 KB weights of small Linear layers): such a pair also prefetches
 // kAheadBytes ahead of each vector step, in both tensors. It may run past the range's end,
 // into what the allocator placed next (often the next pair); a prefetch never faults. Longer
-// ranges are left to the hardware, which the extra instructions only slow down.
+// tensors are left to the hardware, which the extra instructions only slow down.
 constexpr int64_t kAheadBytes = 2048;
-constexpr int64_t kPrefetchedRangeBytes = 65536;
+constexpr int64_t kPrefetchedPairBytes = 65536;
+
+// Elements a thread claims at a time: enough that a big tensor streams in long runs, few
+// enough (16 chunks for 2000 x 512 floats) that the threads can even out.
+constexpr int64_t kChunk = 65536;
 
 template <int kWrite>
 void prefetch_ahead(const void* p) {
@@ -107,9 +113,9 @@ void prefetch_ahead(const void* p) {
 // step(k) for k = 0, kStep, 2 kStep, ... while a whole step fits in [0, n); returns the first
 // element left for the scalar tail.
 template <int64_t kStep, typename TT, typename OT, typename Step>
-int64_t vector_steps(TT* t, const OT* o, int64_t n, const Step& step) {
+int64_t vector_steps(TT* t, const OT* o, int64_t n, bool prefetch, const Step& step) {
   int64_t k = 0;
-  if (n * static_cast<int64_t>(sizeof(TT)) <= kPrefetchedRangeBytes) {
+  if (prefetch) {
     for (; k + kStep <= n; k += kStep) {
       prefetch_ahead<1>(t + k);
       prefetch_ahead<0>(o + k);
@@ -122,11 +128,11 @@ int64_t vector_steps(TT* t, const OT* o, int64_t n, const Step& step) {
 
 // t[k] <- lerp(t[k], o[k], w) for k in [0, n), computed in float.
 template <typename TT, typename OT>
-void lerp_float(TT* t, const OT* o, int64_t n, const Weights& weights) {
+void lerp_float(TT* t, const OT* o, int64_t n, bool prefetch, const Weights& weights) {
   const Weights w = weights;  // a local copy: the stores below cannot alias it
   constexpr int64_t kStep = std::min(FloatIO<TT>::kStep, FloatIO<OT>::kStep);
   static_assert(FloatIO<TT>::kStep == kStep && FloatIO<OT>::kStep == kStep);
-  int64_t k = vector_steps<kStep>(t, o, n, [&](int64_t i) {
+  int64_t k = vector_steps<kStep>(t, o, n, prefetch, [&](int64_t i) {
     FVec t0, t1, o0, o1;
     FloatIO<TT>::load(t + i, t0, t1);
     FloatIO<OT>::load(o + i, o0, o1);
@@ -136,9 +142,10 @@ void lerp_float(TT* t, const OT* o, int64_t n, const Weights& weights) {
     t[k] = static_cast<TT>(lerp(static_cast<float>(t[k]), static_cast<float>(o[k]), w.f));
 }
 
-void lerp_double(double* t, const double* o, int64_t n, const Weights& weights) {
+void lerp_double(double* t, const double* o, int64_t n, bool prefetch,
+                 const Weights& weights) {
   const Weights w = weights;
-  int64_t k = vector_steps<DVec::size()>(t, o, n, [&](int64_t i) {
+  int64_t k = vector_steps<DVec::size()>(t, o, n, prefetch, [&](int64_t i) {
     lerp(DVec::loadu(t + i), DVec::loadu(o + i), w.dv).store(t + i);
   });
   for (; k < n; ++k) t[k] = lerp(t[k], o[k], w.d);
@@ -147,24 +154,26 @@ void lerp_double(double* t, const double* o, int64_t n, const Weights& weights) 
 // Elements [lo, hi) of one pair.
 void run(const Pair& s, int64_t lo, int64_t hi, const Weights& w) {
   const int64_t n = hi - lo;
+  const bool p = s.n * target_size(s.kind) <= kPrefetchedPairBytes;
   switch (s.kind) {
     case Kind::kFloatFloat:
-      return lerp_float(static_cast<float*>(s.t) + lo, static_cast<const float*>(s.o) + lo, n, w);
+      return lerp_float(static_cast<float*>(s.t) + lo, static_cast<const float*>(s.o) + lo, n, p,
+                        w);
     case Kind::kFloatBFloat16:
       return lerp_float(static_cast<float*>(s.t) + lo,
-                        static_cast<const c10::BFloat16*>(s.o) + lo, n, w);
+                        static_cast<const c10::BFloat16*>(s.o) + lo, n, p, w);
     case Kind::kFloatHalf:
       return lerp_float(static_cast<float*>(s.t) + lo, static_cast<const c10::Half*>(s.o) + lo,
-                        n, w);
+                        n, p, w);
     case Kind::kDoubleDouble:
       return lerp_double(static_cast<double*>(s.t) + lo, static_cast<const double*>(s.o) + lo,
-                         n, w);
+                         n, p, w);
     case Kind::kBFloat16BFloat16:
       return lerp_float(static_cast<c10::BFloat16*>(s.t) + lo,
-                        static_cast<const c10::BFloat16*>(s.o) + lo, n, w);
+                        static_cast<const c10::BFloat16*>(s.o) + lo, n, p, w);
     case Kind::kHalfHalf:
       return lerp_float(static_cast<c10::Half*>(s.t) + lo, static_cast<const c10::Half*>(s.o) + lo,
-                        n, w);
+                        n, p, w);
   }
 }
 
@@ -197,7 +206,7 @@ void lerp_cpu(at::TensorList target, at::TensorList online, double weight,
     total += pairs[s].n;
   }
   start[pairs.size()] = total;
-  at::parallel_for(0, total, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+  balanced_for(total, kChunk, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     size_t s = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (int64_t k = begin; k < end; ++s) {
       const int64_t hi = std::min(end, start[s + 1]);
