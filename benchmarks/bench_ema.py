@@ -103,15 +103,27 @@ def make_method(case: str, device: str) -> tuple[nn.Module, list, list, callable
     return method, tp, op, hook
 
 
+_GROUP: dict = {}  # (case, device) -> (method, target, online, hook) of the group being timed
+
+
+def group_tensors(case: str, device: str) -> tuple:
+    """The tensors (and method) every variant of a group is timed on: the group's variants run
+    one after another on the same allocations, so their ratios do not also measure where the
+    allocator happened to put each variant's copy. Only the current group is kept."""
+    if (case, device) not in _GROUP:
+        _GROUP.clear()
+        if case in ("small", "resnet50"):
+            _GROUP[(case, device)] = (None, make_lists(case, device, 0),
+                                      make_lists(case, device, 1), None)
+        else:
+            _GROUP[(case, device)] = make_method(case, device)
+    return _GROUP[(case, device)]
+
+
 def make_variant(case: str, variant: str, device: str):
     """(function to time, objects to keep alive)."""
     m = MOMENTUM
-    if case in ("small", "resnet50"):
-        online = make_lists(case, device, 1)
-        target = make_lists(case, device, 0)
-        hook = None
-    else:
-        method, target, online, hook = make_method(case, device)
+    method, target, online, hook = group_tensors(case, device)
     if variant == "loop":
         tparams = [nn.Parameter(t.detach().clone(), requires_grad=False) for t in target]
         onl = [o.detach() for o in online]
@@ -129,8 +141,11 @@ def make_variant(case: str, variant: str, device: str):
         ema = EMA(target, online, m)
         return ema.update, (ema,)
     if variant == "EMA-flat":
-        mt = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in target])
-        mo = nn.ParameterList([nn.Parameter(o) for o in online])
+        # copies: flattening moves the parameters into new buffers, and the next variants
+        # run on the group's own tensors
+        mt = nn.ParameterList([nn.Parameter(t.detach().clone(), requires_grad=False)
+                               for t in target])
+        mo = nn.ParameterList([nn.Parameter(o.detach().clone()) for o in online])
         flatten_parameters_(mt)
         flatten_parameters_(mo)
         assert is_flat(mt) and is_flat(mo)
@@ -140,7 +155,6 @@ def make_variant(case: str, variant: str, device: str):
         return hook, (method,)
     n = sum(t.numel() for t in target)
     ft, fo = torch.randn(n, device=device), torch.randn(n, device=device)
-    del target, online
     return (lambda: ft.lerp_(fo, 1.0 - m)), (ft, fo)
 
 
@@ -239,15 +253,16 @@ def _bench(benchmark, case, variant, device):
     del keep
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["small", "resnet50"])
+# variant outermost: pytest then runs the variants of one (case, device) group back to back
 @pytest.mark.parametrize("variant", LIST_VARIANTS)
+@pytest.mark.parametrize("case", ["small", "resnet50"])
+@pytest.mark.parametrize("device", DEVICES)
 def test_ema(benchmark, case, variant, device):
     _bench(benchmark, case, variant, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["byol-linear500", "mocov2-linear500", "byol-resnet50"])
 @pytest.mark.parametrize("variant", METHOD_VARIANTS)
+@pytest.mark.parametrize("case", ["byol-linear500", "mocov2-linear500", "byol-resnet50"])
+@pytest.mark.parametrize("device", DEVICES)
 def test_ema_methods(benchmark, case, variant, device):
     _bench(benchmark, case, variant, device)
